@@ -1,0 +1,392 @@
+"""The ``dpfl`` command.
+
+Subcommands:
+
+* ``dpfl budget``: the (epsilon, delta) of a DP-FL training plan under each accountant, the noise
+  multiplier for a target epsilon, and the paper's population extrapolation.
+
+Errors in the input end the command with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+from dpfl import __version__
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise CliError(f"{self.prog}: error: {message}")
+
+
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
+        return value
+
+    return parse
+
+
+def _int_arg(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace(",", "").replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        return value
+
+    return parse
+
+
+def _add_budget(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "budget",
+        help="report the privacy budget of a training plan",
+        description=(
+            "Report (epsilon, delta) for T rounds of DP-FedAvg: Poisson sampling of users with "
+            "rate q, per-user updates clipped to C, Gaussian noise of std z*C on their sum. "
+            "Adjacency: add/remove one user."
+        ),
+    )
+    noise = p.add_argument_group("noise (one of)")
+    noise.add_argument(
+        "--noise-multiplier",
+        "-z",
+        type=_positive_float("--noise-multiplier"),
+        help="z: noise std on the sum of clipped updates, in units of C",
+    )
+    noise.add_argument(
+        "--sigma-dp",
+        type=_positive_float("--sigma-dp"),
+        help="paper convention: noise std on the average, in units of C "
+        "(z = sigma_DP x cohort); needs --cohort",
+    )
+    sampling = p.add_argument_group("sampling (--sample-rate, or --cohort and --population)")
+    sampling.add_argument(
+        "--sample-rate",
+        "-q",
+        type=_positive_float("--sample-rate"),
+        help="probability that a user takes part in a round",
+    )
+    sampling.add_argument(
+        "--cohort", "-S", type=_int_arg("--cohort"), help="expected number of users per round"
+    )
+    sampling.add_argument(
+        "--population", "-K", type=_int_arg("--population"), help="number of users"
+    )
+    p.add_argument("--rounds", "-T", type=_int_arg("--rounds"), required=True)
+    p.add_argument(
+        "--delta",
+        type=_positive_float("--delta"),
+        help="target delta (default: a power of ten at least 10x below 1/population)",
+    )
+    p.add_argument(
+        "--accountants",
+        default="rdp,prv,pld",
+        help="comma-separated subset of rdp,prv,pld (default: all three)",
+    )
+    p.add_argument(
+        "--target-epsilon",
+        type=_positive_float("--target-epsilon"),
+        help="instead of epsilon, print the noise multiplier that reaches this epsilon",
+    )
+    p.add_argument(
+        "--extrapolate",
+        nargs="*",
+        metavar="SCALE|S:K",
+        help="epsilon at larger populations, keeping sigma_DP and T: a number scales "
+        "cohort and population together, S:K sets them (default: 10 100 1000)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_budget)
+
+
+def _resolve_budget(args: argparse.Namespace) -> dict:
+    from dpfl.privacy.accounting import ACCOUNTANTS, default_delta
+    from dpfl.privacy.mechanisms import noise_multiplier_from_sigma_dp
+
+    if args.rounds < 1:
+        raise CliError(f"--rounds must be >= 1, got {args.rounds}")
+    cohort, population = args.cohort, args.population
+    if cohort is not None and cohort < 1:
+        raise CliError(f"--cohort must be >= 1, got {cohort}")
+    if population is not None and population < 1:
+        raise CliError(f"--population must be >= 1, got {population}")
+    if args.sample_rate is not None:
+        if cohort is not None and population is not None:
+            raise CliError("give --sample-rate or --cohort/--population, not both")
+        q = args.sample_rate
+    elif cohort is not None and population is not None:
+        if cohort > population:
+            raise CliError(f"--cohort ({cohort}) cannot exceed --population ({population})")
+        q = cohort / population
+    else:
+        raise CliError("give --sample-rate, or both --cohort and --population")
+    if not 0 < q <= 1:
+        raise CliError(f"--sample-rate must be in (0, 1], got {q:g}")
+    if population is not None and cohort is None:
+        cohort = q * population  # expected cohort size
+    if args.delta is not None:
+        delta = args.delta
+    elif population is not None:
+        delta = default_delta(population)
+    else:
+        raise CliError("--delta is required when --population is not given")
+    if not 0 < delta < 1:
+        raise CliError(f"--delta must be in (0, 1), got {delta:g}")
+    z = args.noise_multiplier
+    sigma_dp = args.sigma_dp
+    if args.target_epsilon is None:
+        if (z is None) == (sigma_dp is None):
+            raise CliError("give exactly one of --noise-multiplier and --sigma-dp")
+    elif z is not None or sigma_dp is not None:
+        raise CliError("--target-epsilon computes the noise: drop --noise-multiplier/--sigma-dp")
+    if z is not None and z < 0:
+        raise CliError(f"--noise-multiplier must be >= 0, got {z:g}")
+    if sigma_dp is not None:
+        if sigma_dp <= 0:
+            raise CliError(f"--sigma-dp must be > 0, got {sigma_dp:g}")
+        if cohort is None:
+            raise CliError("--sigma-dp needs --cohort (z = sigma_DP x cohort)")
+        z = noise_multiplier_from_sigma_dp(sigma_dp, cohort)
+    elif z is not None and cohort is not None:
+        sigma_dp = z / cohort
+    if args.target_epsilon is not None and args.target_epsilon <= 0:
+        raise CliError(f"--target-epsilon must be > 0, got {args.target_epsilon:g}")
+    accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
+    unknown = [a for a in accountants if a not in ACCOUNTANTS]
+    if unknown or not accountants:
+        raise CliError(
+            f"--accountants: unknown {', '.join(unknown) or '(empty)'}; "
+            f"choose from {', '.join(ACCOUNTANTS)}"
+        )
+    return {
+        "noise_multiplier": z,
+        "sigma_dp": sigma_dp,
+        "sample_rate": q,
+        "cohort": cohort,
+        "population": population,
+        "rounds": args.rounds,
+        "delta": delta,
+        "accountants": accountants,
+    }
+
+
+def _extrapolation_settings(tokens: list[str], cohort, population) -> list[tuple[str, int, int]]:
+    from dpfl.privacy.accounting import scaled_settings
+
+    if cohort is None or population is None:
+        raise CliError("--extrapolate needs --cohort and --population")
+    out = []
+    for token in tokens or ["10", "100", "1000"]:
+        if ":" in token:
+            s_text, k_text = token.split(":", 1)
+            try:
+                s, k = int(s_text.replace(",", "")), int(k_text.replace(",", ""))
+            except ValueError:
+                raise CliError(f"--extrapolate: {token!r} is not COHORT:POPULATION") from None
+            out.append((f"{s / cohort:g}:{k / population:g}", s, k))
+        else:
+            try:
+                scale = float(token)
+            except ValueError:
+                raise CliError(
+                    f"--extrapolate: {token!r} is neither a scale nor COHORT:POPULATION"
+                ) from None
+            if not math.isfinite(scale) or scale <= 0:
+                raise CliError(f"--extrapolate: scale must be > 0, got {token}")
+            ((s, k),) = scaled_settings(round(cohort), population, [scale])
+            out.append((f"{scale:g}", s, k))
+    for _, s, k in out:
+        if not 1 <= s <= k:
+            raise CliError(f"--extrapolate: need 1 <= cohort <= population, got {s}:{k}")
+    return out
+
+
+def _fmt_eps(eps: float) -> str:
+    if math.isinf(eps):
+        return "inf"
+    return f"{eps:.4g}" if eps < 1e5 else f"{eps:.3e}"
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from dpfl.privacy.accounting import (
+        ADJACENCY,
+        SAMPLING,
+        AccountantRangeError,
+        calibrate_noise_multiplier,
+        compute_epsilon,
+        extrapolate,
+    )
+
+    plan = _resolve_budget(args)
+    settings = None
+    if args.extrapolate is not None:
+        if args.target_epsilon is not None:
+            raise CliError(
+                "--extrapolate reports epsilon; it cannot be combined with --target-epsilon"
+            )
+        settings = _extrapolation_settings(args.extrapolate, plan["cohort"], plan["population"])
+    q, T, delta = plan["sample_rate"], plan["rounds"], plan["delta"]
+    report: dict = {
+        "plan": {k: v for k, v in plan.items() if k != "accountants"},
+        "assumptions": {
+            "adjacency": ADJACENCY,
+            "sampling": SAMPLING,
+            "delta": delta,
+            "noise": "Gaussian, std z*C on every coordinate of the sum of clipped updates",
+        },
+        "accountants": [],
+    }
+    started = time.perf_counter()
+    for name in plan["accountants"]:
+        row: dict = {"accountant": name}
+        t0 = time.perf_counter()
+        try:
+            if args.target_epsilon is not None:
+                z = calibrate_noise_multiplier(args.target_epsilon, delta, q, T, name)
+                row["noise_multiplier"] = z
+                if plan["cohort"] is not None:
+                    row["sigma_dp"] = z / plan["cohort"]
+            else:
+                result = compute_epsilon(plan["noise_multiplier"], q, T, delta, name)
+                row["epsilon"] = result.epsilon
+                row["note"] = result.note
+                if result.optimal_order is not None:
+                    row["optimal_order"] = result.optimal_order
+        except AccountantRangeError as err:
+            row["refused"] = str(err)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        row["seconds"] = time.perf_counter() - t0
+        report["accountants"].append(row)
+    if settings is not None:
+        sigma_dp = plan["sigma_dp"]
+        if not sigma_dp:
+            raise CliError("--extrapolate needs a non-zero noise")
+        rows = extrapolate(sigma_dp, [(s, k) for _, s, k in settings], T, delta, "rdp")
+        report["extrapolation"] = {
+            "accountant": "rdp",
+            "keeps": {"sigma_dp": sigma_dp, "rounds": T, "delta": delta},
+            "rows": [
+                {
+                    "scale": label,
+                    "cohort": r.cohort,
+                    "population": r.population,
+                    "sample_rate": r.sample_rate,
+                    "noise_multiplier": r.noise_multiplier,
+                    "epsilon": r.result.epsilon,
+                    "note": r.result.note,
+                }
+                for (label, _, _), r in zip(settings, rows, strict=True)
+            ],
+        }
+    report["seconds"] = time.perf_counter() - started
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_budget(report, args.target_epsilon)
+    return 0
+
+
+def _print_budget(report: dict, target: float | None) -> None:
+    plan = report["plan"]
+    out = []
+    out.append("dpfl budget: user-level DP for DP-FedAvg")
+    out.append(f"  adjacency: {report['assumptions']['adjacency']}")
+    out.append(f"  sampling:  {report['assumptions']['sampling']}")
+    if plan["cohort"] is not None and plan["population"] is not None:
+        rate = (
+            f"q = {plan['sample_rate']:.6g} (expected cohort {plan['cohort']:,.0f} of "
+            f"population {plan['population']:,})"
+        )
+    else:
+        rate = f"q = {plan['sample_rate']:.6g}"
+    out.append(f"  plan:      {rate}, T = {plan['rounds']} rounds, delta = {plan['delta']:g}")
+    if target is None:
+        z = plan["noise_multiplier"]
+        extra = f" (sigma_DP = {plan['sigma_dp']:.4g} on the average)" if plan["sigma_dp"] else ""
+        out.append(f"  noise:     z = {z:.6g}{extra}")
+        out.append("")
+        out.append(f"  {'accountant':<11}{'epsilon':>12}   note")
+        for row in report["accountants"]:
+            if "refused" in row:
+                out.append(f"  {row['accountant']:<11}{'refused':>12}   {row['refused']}")
+                continue
+            note = row.get("note") or ""
+            if row.get("optimal_order") is not None and not note:
+                note = f"optimal RDP order {row['optimal_order']:g}"
+            out.append(f"  {row['accountant']:<11}{_fmt_eps(row['epsilon']):>12}   {note}")
+    else:
+        out.append(f"  target:    epsilon = {target:g}")
+        out.append("")
+        out.append(f"  {'accountant':<11}{'z':>12}{'sigma_DP':>12}   note")
+        for row in report["accountants"]:
+            if "refused" in row:
+                out.append(f"  {row['accountant']:<11}{'refused':>12}{'':>12}   {row['refused']}")
+                continue
+            sigma = f"{row['sigma_dp']:.4g}" if "sigma_dp" in row else "-"
+            out.append(f"  {row['accountant']:<11}{row['noise_multiplier']:>12.6g}{sigma:>12}")
+    ext = report.get("extrapolation")
+    if ext:
+        keeps = ext["keeps"]
+        out.append("")
+        out.append(
+            f"  extrapolation ({ext['accountant']}, the fastest accountant): keeps sigma_DP = "
+            f"{keeps['sigma_dp']:.4g}, T = {keeps['rounds']}, delta = {keeps['delta']:g}; "
+            "z = sigma_DP x S, q = S/K"
+        )
+        out.append(
+            f"  {'scale':>10}{'cohort S':>12}{'population K':>15}{'q':>11}{'z':>10}{'epsilon':>12}"
+        )
+        for r in ext["rows"]:
+            out.append(
+                f"  {r['scale']:>10}{r['cohort']:>12,}{r['population']:>15,}"
+                f"{r['sample_rate']:>11.4g}{r['noise_multiplier']:>10.4g}"
+                f"{_fmt_eps(r['epsilon']):>12}"
+            )
+    out.append("")
+    out.append(f"  computed in {report['seconds']:.2f} s")
+    print("\n".join(out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dpfl", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dpfl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_budget(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except CliError as err:
+        message = " ".join(str(err).split()) or "invalid input"
+        if not message.startswith("dpfl"):
+            message = f"dpfl: error: {message}"
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

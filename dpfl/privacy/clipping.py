@@ -1,0 +1,218 @@
+"""Clipping and layer-wise normalisation of one user's update: the sensitivity bound of DP.
+
+Schemes (``ClipConfig.scheme``):
+
+* ``flat``: the whole update is one vector with bound C.
+* ``uniform``: per-layer bounds ``C_h = C / sqrt(H)`` for H tensors.
+* ``dim``: per-layer bounds ``C_h = C * sqrt(d_h / sum_k d_k)``, d_h = numel of tensor h.
+
+Per-layer bounds satisfy ``sqrt(sum_h C_h^2) = C``, so every scheme bounds the whole update by C.
+They depend only on the model's shapes (public), never on the data.
+
+Modes (``ClipConfig.mode``):
+
+* ``clip``: scale by ``min(1, bound / norm)`` (flat: the whole update; per-layer: each tensor).
+* ``normalize``: scale every non-zero tensor (flat: the whole update) to norm exactly its bound:
+  layer-wise normalisation. A zero tensor stays zero: a layer that did not train this round
+  carries no signal and must not be inflated.
+
+Float rounding: multiplying a float32 tensor by ``bound / norm`` can leave its norm a few ulps
+above the bound (relative error ~1e-7). ``CLIP_NORM_RTOL`` is the one tolerance the whole project
+uses for that: clipped updates satisfy ``norm <= bound * (1 + CLIP_NORM_RTOL)``, the server accepts
+exactly those (:func:`norm_violation`), and the Gaussian mechanism calibrates its noise to that
+accepted bound (:func:`sensitivity_bound`), so the accountant's epsilon covers every update the
+server can accept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from dpfl.privacy.updates import (
+    Shapes,
+    Update,
+    global_norm,
+    l2_norm,
+    layer_names,
+    rebuild,
+    tensors,
+    validate_update,
+)
+
+CLIP_NORM_RTOL = 1e-6
+"""Shared relative tolerance on clip bounds (float32 rounding is ~1.2e-7, so honest clipped
+updates are never rejected; anything above ``bound * (1 + 1e-6)`` is)."""
+
+Scheme = Literal["flat", "uniform", "dim"]
+Mode = Literal["clip", "normalize"]
+SCHEMES: tuple[str, ...] = ("flat", "uniform", "dim")
+MODES: tuple[str, ...] = ("clip", "normalize")
+
+
+def sensitivity_bound(clip_norm: float) -> float:
+    """The largest L2 norm of one user's contribution that the server can accept."""
+    return clip_norm * (1.0 + CLIP_NORM_RTOL)
+
+
+def within_bound(norm: float, bound: float) -> bool:
+    """True when ``norm`` is within ``bound`` up to the shared float-rounding tolerance."""
+    return norm <= bound * (1.0 + CLIP_NORM_RTOL)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """How one user's update is bounded. ``clip_norm`` is C, the bound on the whole update."""
+
+    clip_norm: float
+    scheme: Scheme = "flat"
+    mode: Mode = "clip"
+
+    def __post_init__(self) -> None:
+        c = self.clip_norm
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+            raise ValueError(f"clip_norm must be a finite number > 0, got {c!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+
+    @property
+    def per_layer(self) -> bool:
+        return self.scheme != "flat"
+
+
+def layer_bounds(numels: Sequence[int], clip_norm: float, scheme: Scheme) -> list[float]:
+    """Per-layer bounds C_h for tensors of the given sizes, with sqrt(sum C_h^2) = clip_norm.
+
+    ``flat`` has no per-layer bounds and is rejected here; use ``uniform`` or ``dim``.
+    """
+    if len(numels) == 0:
+        raise ValueError("per-layer bounds need at least one layer")
+    if any(int(d) < 0 for d in numels):
+        raise ValueError(f"layer sizes must be >= 0, got {list(numels)}")
+    if scheme == "uniform":
+        return [clip_norm / math.sqrt(len(numels))] * len(numels)
+    if scheme == "dim":
+        total = sum(int(d) for d in numels)
+        if total == 0:
+            raise ValueError("'dim' bounds need at least one non-empty layer")
+        return [clip_norm * math.sqrt(int(d) / total) for d in numels]
+    raise ValueError(f"per-layer scheme must be 'uniform' or 'dim', got {scheme!r}")
+
+
+def bounds_for(update_or_shapes: Update | Shapes, config: ClipConfig) -> list[float] | None:
+    """Per-layer bounds for an update (or a model's shapes) under ``config``; None when flat."""
+    if not config.per_layer:
+        return None
+    if isinstance(update_or_shapes, Mapping):
+        items = list(update_or_shapes.values())
+    else:
+        items = list(update_or_shapes)
+    numels = [t.numel() if isinstance(t, torch.Tensor) else math.prod(t) for t in items]
+    return layer_bounds(numels, config.clip_norm, config.scheme)
+
+
+@dataclass(frozen=True)
+class ClipStats:
+    """What clipping did to one update. Non-private diagnostics: never released under DP."""
+
+    norm: float
+    """L2 norm of the whole update before clipping."""
+    layer_norms: tuple[float, ...]
+    """L2 norm of each tensor before clipping."""
+    scales: tuple[float, ...]
+    """Factor each tensor was multiplied by (the same factor for every tensor when flat)."""
+    clipped: bool
+    """True when the update (flat) or any tensor (per-layer) exceeded its bound."""
+    layers_clipped: int
+    """How many tensors exceeded their own bound (per-layer); 0 or H when flat."""
+    norm_after: float
+    """L2 norm of the whole update after clipping."""
+
+
+def _scale(norm: float, bound: float, mode: Mode) -> float:
+    if norm == 0.0:
+        return 1.0 if mode == "clip" else 0.0
+    if mode == "normalize":
+        return bound / norm
+    return min(1.0, bound / norm)
+
+
+def _apply_scale(t: torch.Tensor, s: float) -> torch.Tensor:
+    t = t.detach()
+    if 1e-30 <= s <= 1e30 or s == 0.0:
+        return t * s
+    # Normalising a near-zero float32 tensor needs a factor beyond float32's range.
+    return (t.to(torch.float64) * s).to(t.dtype)
+
+
+def clip_update(
+    update: Update, config: ClipConfig, reference: Shapes | None = None
+) -> tuple[Update, ClipStats]:
+    """Bound one user's update under ``config``; return the clipped update and its stats.
+
+    ``reference`` (a model's parameter shapes) makes a mismatched update an error instead of
+    silently fixing different per-layer bounds. Raises ValueError for an empty update, NaN/Inf or
+    a shape mismatch, and TypeError for non-tensors or dtypes other than float32/float64.
+    The result has the caller's structure and dtypes; the input is not modified.
+    """
+    validate_update(update, reference)
+    names = layer_names(update)
+    ts = tensors(update)
+    norms = [l2_norm(t, name) for name, t in zip(names, ts, strict=True)]
+    total = global_norm(norms)
+    bounds = bounds_for(update, config)
+    if bounds is None:
+        s = _scale(total, config.clip_norm, config.mode)
+        scales = [s] * len(ts)
+        clipped = total > config.clip_norm
+        layers_clipped = len(ts) if clipped else 0
+    else:
+        scales = [_scale(n, b, config.mode) for n, b in zip(norms, bounds, strict=True)]
+        over = [n > b for n, b in zip(norms, bounds, strict=True)]
+        layers_clipped = sum(over)
+        clipped = layers_clipped > 0
+    with torch.no_grad():
+        out = [_apply_scale(t, s) for t, s in zip(ts, scales, strict=True)]
+    norm_after = global_norm([n * s for n, s in zip(norms, scales, strict=True)])
+    stats = ClipStats(
+        norm=total,
+        layer_norms=tuple(norms),
+        scales=tuple(scales),
+        clipped=clipped,
+        layers_clipped=layers_clipped,
+        norm_after=norm_after,
+    )
+    return rebuild(update, out), stats
+
+
+def norm_violation(
+    update: Update, config: ClipConfig, reference: Shapes | None = None
+) -> str | None:
+    """The server-side check of a clipped update: None when it is within bounds, else why not.
+
+    Uses the same tolerance as clipping (``CLIP_NORM_RTOL``): the whole update must be within C,
+    and, for per-layer schemes, every tensor within its own C_h. Malformed updates (empty,
+    non-finite, wrong shapes or dtypes) are reported as violations too, never raised, so a server
+    can log and drop them.
+    """
+    try:
+        validate_update(update, reference)
+        names = layer_names(update)
+        norms = [l2_norm(t, name) for name, t in zip(names, tensors(update), strict=True)]
+    except (TypeError, ValueError) as err:
+        return str(err)
+    total = global_norm(norms)
+    if not within_bound(total, config.clip_norm):
+        return f"update norm {total:.6g} exceeds the clip bound {config.clip_norm:.6g}"
+    bounds = bounds_for(update, config)
+    if bounds is not None:
+        for name, n, b in zip(names, norms, bounds, strict=True):
+            if not within_bound(n, b):
+                return f"{name} has norm {n:.6g}, above its per-layer bound {b:.6g}"
+    return None

@@ -1,0 +1,247 @@
+import math
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dpfl.privacy.clipping import (
+    CLIP_NORM_RTOL,
+    ClipConfig,
+    clip_update,
+    layer_bounds,
+    norm_violation,
+    sensitivity_bound,
+    within_bound,
+)
+
+
+def norm64(ts) -> float:
+    """Independent reference: one float64 vector of all entries."""
+    return torch.cat([t.detach().reshape(-1).double() for t in ts]).norm().item()
+
+
+def expected_bounds(numels, c, scheme):
+    if scheme == "uniform":
+        return [c / math.sqrt(len(numels))] * len(numels)
+    return [c * math.sqrt(d / sum(numels)) for d in numels]
+
+
+# --- exact numbers ----------------------------------------------------------------------------
+
+
+def test_flat_clip_scales_whole_update():
+    u = [torch.tensor([3.0]), torch.tensor([4.0])]
+    out, stats = clip_update(u, ClipConfig(1.0))
+    assert torch.allclose(torch.cat(out), torch.tensor([0.6, 0.8]))
+    assert stats.norm == pytest.approx(5.0)
+    assert stats.layer_norms == pytest.approx((3.0, 4.0))
+    assert stats.clipped and stats.layers_clipped == 2
+    assert stats.scales == pytest.approx((0.2, 0.2))
+    assert stats.norm_after == pytest.approx(1.0)
+
+
+def test_flat_clip_leaves_small_update_unchanged():
+    u = [torch.tensor([0.3, 0.4])]
+    out, stats = clip_update(u, ClipConfig(1.0))
+    assert torch.equal(out[0], u[0])
+    assert not stats.clipped and stats.layers_clipped == 0
+    assert stats.norm_after == pytest.approx(0.5)
+
+
+def test_flat_normalize_scales_up_to_bound():
+    out, stats = clip_update([torch.tensor([0.3, 0.4])], ClipConfig(2.0, mode="normalize"))
+    assert torch.allclose(out[0], torch.tensor([1.2, 1.6]))
+    assert not stats.clipped  # below the bound: normalised up, not clipped
+
+
+def test_uniform_and_dim_bounds():
+    assert layer_bounds([5, 7, 9, 11], 2.0, "uniform") == pytest.approx([1.0] * 4)
+    assert layer_bounds([1, 3], 2.0, "dim") == pytest.approx([1.0, math.sqrt(3.0)])
+    for scheme in ("uniform", "dim"):
+        b = layer_bounds([3, 100, 1, 4096], 0.01, scheme)
+        assert math.sqrt(sum(x * x for x in b)) == pytest.approx(0.01, rel=1e-12)
+
+
+def test_per_layer_clip_each_tensor_to_its_own_bound():
+    # dim bounds for numels (1, 3) and C = 2: C_0 = 1, C_1 = sqrt(3).
+    u = {"a": torch.tensor([10.0]), "b": torch.tensor([0.1, 0.1, 0.1])}
+    out, stats = clip_update(u, ClipConfig(2.0, scheme="dim"))
+    assert list(out) == ["a", "b"]
+    assert out["a"].item() == pytest.approx(1.0)
+    assert torch.equal(out["b"], u["b"])  # under its bound: untouched
+    assert stats.clipped and stats.layers_clipped == 1
+    assert stats.scales == pytest.approx((0.1, 1.0))
+
+
+def test_per_layer_normalize_keeps_zero_layers_zero():
+    u = [torch.zeros(4), torch.tensor([1e-3, 0.0]), torch.tensor([5.0, 5.0, 5.0])]
+    out, stats = clip_update(u, ClipConfig(3.0, scheme="uniform", mode="normalize"))
+    assert torch.equal(out[0], torch.zeros(4))  # a layer that did not train stays zero
+    assert out[1].norm().item() == pytest.approx(math.sqrt(3.0), rel=1e-6)
+    assert out[2].norm().item() == pytest.approx(math.sqrt(3.0), rel=1e-6)
+    assert stats.scales[0] == 0.0
+    assert stats.layers_clipped == 1  # only the third tensor was above its bound
+
+
+def test_input_is_not_modified_and_structure_kept():
+    u = {"w": torch.full((2, 2), 10.0), "b": torch.full((2,), 10.0)}
+    before = {k: v.clone() for k, v in u.items()}
+    out, _ = clip_update(u, ClipConfig(1.0, scheme="dim"))
+    assert isinstance(out, dict) and list(out) == ["w", "b"]
+    for k in u:
+        assert torch.equal(u[k], before[k])
+        assert out[k].shape == u[k].shape and out[k].dtype == u[k].dtype
+
+
+def test_huge_float64_values_do_not_overflow_the_norm():
+    u = [torch.tensor([1e200, 1e200], dtype=torch.float64)]
+    out, stats = clip_update(u, ClipConfig(1.0))
+    assert stats.norm == pytest.approx(math.sqrt(2) * 1e200)
+    assert out[0].norm().item() == pytest.approx(1.0)
+
+
+def test_normalize_tiny_float32_update_without_overflow():
+    u = [torch.tensor([1e-40, 0.0], dtype=torch.float32)]  # subnormal
+    out, _ = clip_update(u, ClipConfig(1e6, mode="normalize"))
+    assert torch.isfinite(out[0]).all()
+    assert out[0].double().norm().item() == pytest.approx(1e6, rel=1e-6)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "update, exc, match",
+    [
+        ([], ValueError, "empty"),
+        ({}, ValueError, "empty"),
+        ([torch.tensor([1.0, float("nan")])], ValueError, "NaN or Inf"),
+        ({"w": torch.tensor([float("inf")])}, ValueError, "w contains NaN or Inf"),
+        ([torch.tensor([1, 2])], TypeError, "dtype torch.int64"),
+        ([torch.tensor([1.0], dtype=torch.float16)], TypeError, "float32 or float64"),
+        ([[1.0, 2.0]], TypeError, "not a torch.Tensor"),
+        (torch.tensor([1.0]), TypeError, "list of tensors"),
+    ],
+)
+def test_bad_updates_raise_clear_errors(update, exc, match):
+    with pytest.raises(exc, match=match):
+        clip_update(update, ClipConfig(1.0, scheme="dim"))
+
+
+def test_shape_mismatch_against_model():
+    with pytest.raises(ValueError, match=r"layer\[1\] has shape \(3,\), the model expects \(4,\)"):
+        clip_update([torch.ones(2), torch.ones(3)], ClipConfig(1.0), reference=[(2,), (4,)])
+    with pytest.raises(ValueError, match="has 1 tensors, the model has 2"):
+        clip_update([torch.ones(2)], ClipConfig(1.0), reference=[(2,), (4,)])
+    with pytest.raises(ValueError, match="missing \\['b'\\]"):
+        clip_update({"a": torch.ones(2)}, ClipConfig(1.0), reference={"a": (2,), "b": (3,)})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"clip_norm": 0.0}, "clip_norm"),
+        ({"clip_norm": -1.0}, "clip_norm"),
+        ({"clip_norm": float("nan")}, "clip_norm"),
+        ({"clip_norm": float("inf")}, "clip_norm"),
+        ({"clip_norm": 1.0, "scheme": "layer"}, "scheme must be one of flat, uniform, dim"),
+        ({"clip_norm": 1.0, "mode": "scale"}, "mode must be one of clip, normalize"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClipConfig(**kwargs)
+
+
+# --- the sensitivity bound, for any update (property tests) ----------------------------------
+
+
+@st.composite
+def updates(draw):
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    width = 32 if dtype == np.float32 else 64
+    scale = draw(st.sampled_from([1e-30, 1e-6, 1.0, 1e3, 1e30]))
+    tensors = []
+    for _ in range(draw(st.integers(1, 5))):
+        shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6))
+        zero = draw(st.booleans()) and draw(st.booleans())  # ~1 in 4 layers did not train
+        elements = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=width)
+        arr = np.zeros(shape, dtype) if zero else draw(hnp.arrays(dtype, shape, elements=elements))
+        tensors.append(torch.from_numpy(arr) * scale)
+    return tensors
+
+
+clip_norms = st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False)
+configs = st.builds(
+    ClipConfig,
+    clip_norm=clip_norms,
+    scheme=st.sampled_from(["flat", "uniform", "dim"]),
+    mode=st.sampled_from(["clip", "normalize"]),
+)
+
+
+@given(updates(), configs)
+def test_clipped_norm_never_exceeds_bound(u, cfg):
+    out, stats = clip_update(u, cfg)
+    tol = 1 + CLIP_NORM_RTOL
+    assert norm64(out) <= cfg.clip_norm * tol
+    assert all(torch.isfinite(t).all() for t in out)
+    if cfg.per_layer:
+        bounds = expected_bounds([t.numel() for t in u], cfg.clip_norm, cfg.scheme)
+        for t, b in zip(out, bounds, strict=True):
+            assert norm64([t]) <= b * tol
+    # the server's check accepts every honestly clipped update
+    assert norm_violation(out, cfg) is None
+    assert stats.norm == pytest.approx(norm64(u), rel=1e-9)
+
+
+@given(updates(), configs)
+def test_clip_preserves_direction_and_normalize_hits_bound(u, cfg):
+    out, stats = clip_update(u, cfg)
+    bounds = (
+        expected_bounds([t.numel() for t in u], cfg.clip_norm, cfg.scheme)
+        if cfg.per_layer
+        else None
+    )
+    for i, (t, o) in enumerate(zip(u, out, strict=True)):
+        s = stats.scales[i]
+        assert s >= 0
+        assert torch.allclose(o.double(), t.double() * s, rtol=1e-6, atol=torch.finfo(t.dtype).tiny)
+        if cfg.mode == "clip":
+            assert s <= 1
+    if cfg.mode == "normalize":
+        if bounds is None:
+            if norm64(u) > 0:
+                assert norm64(out) == pytest.approx(cfg.clip_norm, rel=1e-6)
+        else:
+            for t, o, b in zip(u, out, bounds, strict=True):
+                expected = b if norm64([t]) > 0 else 0.0
+                assert norm64([o]) == pytest.approx(expected, rel=1e-6)
+
+
+@given(updates(), configs, st.floats(2 * CLIP_NORM_RTOL, 10.0))
+def test_server_rejects_anything_above_the_tolerance(u, cfg, excess):
+    out, _ = clip_update(u, ClipConfig(cfg.clip_norm, cfg.scheme, "normalize"))
+    if norm64(out) == 0:
+        return  # an all-zero update cannot be pushed over the bound by scaling
+    # Scale in float64 so the test measures the check, not the rounding of the scaling.
+    inflated = [t.double() * (1 + excess) for t in out]
+    reason = norm_violation(inflated, cfg)
+    assert reason is not None and "bound" in reason
+
+
+def test_server_rejects_one_layer_over_its_bound_even_if_total_is_within():
+    cfg = ClipConfig(2.0, scheme="uniform")  # C_h = 1 each for two layers
+    u = [torch.tensor([1.5]), torch.tensor([0.1])]  # total 1.503 < 2, layer 0 > 1
+    assert "layer[0] has norm 1.5" in norm_violation(u, cfg)
+    assert norm_violation([torch.tensor([float("nan")])], cfg).endswith("rejected")
+    assert "shape" in norm_violation([torch.ones(2)], ClipConfig(1.0), reference=[(3,)])
+
+
+def test_tolerance_helpers():
+    assert within_bound(1.0 + 0.5 * CLIP_NORM_RTOL, 1.0)
+    assert not within_bound(1.0 + 2 * CLIP_NORM_RTOL, 1.0)
+    assert sensitivity_bound(2.0) == pytest.approx(2.0 * (1 + CLIP_NORM_RTOL), rel=1e-15)

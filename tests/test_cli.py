@@ -1,0 +1,153 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpfl.cli import main
+
+PAPER = ["--cohort", "204800", "--population", "6950600", "--rounds", "2006", "--delta", "1e-9"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    script = Path(sys.executable).with_name("dpfl")
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_budget_reports_each_accountant_and_its_assumptions():
+    res = run_cli("budget", "--sigma-dp", "1e-5", *PAPER)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "add/remove one user" in out and "Poisson sampling" in out and "delta = 1e-09" in out
+    rows = {
+        parts[0]: parts[1]
+        for parts in map(str.split, out.splitlines())
+        if parts and parts[0] in ("rdp", "prv", "pld")
+    }
+    assert float(rows["rdp"]) == pytest.approx(4.44, abs=0.01)
+    assert float(rows["prv"]) == pytest.approx(4.22, abs=0.02)
+    assert float(rows["pld"]) == pytest.approx(4.22, abs=0.02)
+
+
+def test_budget_json_and_extrapolation(capsys):
+    code = main(
+        [
+            "budget",
+            "--sigma-dp",
+            "1e-5",
+            "--cohort",
+            "1024",
+            "--population",
+            "34753",
+            "--rounds",
+            "2006",
+            "--delta",
+            "1e-9",
+            "--extrapolate",
+            "200",
+            "204800:69506000",
+            "--json",
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    by_name = {row["accountant"]: row for row in report["accountants"]}
+    assert by_name["rdp"]["epsilon"] > 1e5  # the real cohort: meaningless epsilon
+    assert "refuses" in by_name["prv"]["refused"] and "refuses" in by_name["pld"]["refused"]
+    ext = report["extrapolation"]
+    assert ext["accountant"] == "rdp"
+    first, second = ext["rows"]
+    assert (first["cohort"], first["population"]) == (204_800, 6_950_600)
+    assert first["epsilon"] == pytest.approx(4.5, abs=0.1)
+    assert second["scale"] == "200:2000" and second["noise_multiplier"] == pytest.approx(2.048)
+    assert report["assumptions"]["adjacency"] == "add/remove one user"
+
+
+def test_budget_target_epsilon(capsys):
+    code = main(["budget", "--target-epsilon", "4.44", "--accountants", "rdp", *PAPER, "--json"])
+    assert code == 0
+    (row,) = json.loads(capsys.readouterr().out)["accountants"]
+    assert row["noise_multiplier"] == pytest.approx(2.048, rel=0.01)
+    assert row["sigma_dp"] == pytest.approx(1e-5, rel=0.01)
+
+
+def test_an_accountant_that_refuses_is_reported_not_fatal(capsys):
+    args = ["budget", "--target-epsilon", "1e4", "-q", "0.1", "-T", "10", "--delta", "1e-5"]
+    assert main([*args, "--accountants", "rdp,pld", "--json"]) == 0
+    rdp, pld = json.loads(capsys.readouterr().out)["accountants"]
+    assert rdp["noise_multiplier"] < 0.1
+    assert "below pld's minimum 0.1" in pld["refused"]
+
+
+def test_default_delta_follows_population(capsys):
+    assert (
+        main(
+            [
+                "budget",
+                "-z",
+                "1.0",
+                "-S",
+                "100",
+                "-K",
+                "34753",
+                "-T",
+                "10",
+                "--accountants",
+                "rdp",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["plan"]["delta"] == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (
+            ["-z", "1", "-q", "1.5", "-T", "10", "--delta", "1e-5"],
+            "--sample-rate must be in (0, 1]",
+        ),
+        (["-z", "1", "-q", "0", "-T", "10", "--delta", "1e-5"], "--sample-rate must be in (0, 1]"),
+        (["-z", "1", "-q", "0.1", "-T", "10", "--delta", "1"], "--delta must be in (0, 1)"),
+        (["-z", "1", "-q", "0.1", "-T", "10", "--delta", "0"], "--delta must be in (0, 1)"),
+        (
+            ["-z", "-1", "-q", "0.1", "-T", "10", "--delta", "1e-5"],
+            "--noise-multiplier must be >= 0",
+        ),
+        (["-z", "x", "-q", "0.1", "-T", "10", "--delta", "1e-5"], "must be a number"),
+        (
+            ["--target-epsilon", "1e-9", "-q", "0.1", "-T", "10", "--delta", "1e-5"],
+            "the top of the calibration search range [0.001, 1e+04]",
+        ),
+        (["-z", "1", "-q", "0.1", "-T", "10"], "--delta is required"),
+        (["-z", "1", "-T", "10", "--delta", "1e-5"], "give --sample-rate"),
+        (["-z", "1", "-S", "10", "-K", "5", "-T", "10"], "cannot exceed --population"),
+        (
+            ["-z", "1", "-q", "0.1", "-T", "10", "--delta", "1e-5", "--accountants", "gdp"],
+            "unknown gdp",
+        ),
+        (["--sigma-dp", "1e-5", "-q", "0.1", "-T", "10", "--delta", "1e-5"], "needs --cohort"),
+        (
+            ["-z", "1", "-q", "0.1", "-T", "10", "--delta", "1e-5", "--extrapolate", "10"],
+            "--extrapolate needs --cohort and --population",
+        ),
+        (["-z", "1", "-q", "0.1", "--delta", "1e-5"], "required: --rounds"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(capsys, args, needle):
+    assert main(["budget", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_bad_input_through_the_console_script():
+    res = run_cli("budget", "-z", "1", "-q", "2", "-T", "10", "--delta", "1e-5")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "dpfl: error: --sample-rate must be in (0, 1], got 2"
+    assert res.stdout == ""

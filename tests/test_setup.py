@@ -1,0 +1,46 @@
+"""The house rules that keep setup true: README's two commands, CI calling the test one, pins."""
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
+    demo, test = readme_commands()
+    assert (demo, test) == ("make demo", "make test")
+    ci = (ROOT / ".ci" / "run").read_text()
+    calls = [line for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    assert any(re.search(rf"(^|\s){re.escape(test)}(\s|$)", line) for line in calls)
+    assert "-m" not in ci.split(test, 1)[1].split("\n", 1)[0]  # nothing deselected in CI
+
+
+def test_pins():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch==2.11.0" in deps and "torchaudio==2.11.0" in deps
+    assert any(d.startswith("flwr[simulation]>=1.42,<1.43") for d in deps)
+
+
+@pytest.mark.slow
+def test_make_demo_runs_the_main_job():
+    res = subprocess.run(
+        ["make", "--no-print-directory", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = next(line for line in res.stdout.splitlines() if "6,950,600" in line)
+    assert float(row.split()[-1]) == pytest.approx(4.44, abs=0.01)
