@@ -14,9 +14,9 @@ PYTEST_ARGS ?=
 # pyproject.toml is installed on the next `make` (pip does nothing when all are present).
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip "setuptools>=77,<82"
 
 setup: $(BIN)/python
+	$(BIN)/pip install --quiet "setuptools>=77,<82"
 	$(BIN)/pip install --quiet --no-build-isolation --editable '.[test]'
 
 # Main job: the privacy budget of the DP-FL-for-ASR paper's training plan (sigma_DP = 1e-5,
