@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dpfl import __version__
 
 EXIT_USAGE = 2
+EXIT_NO_ANSWER = 1  # every requested accountant refused or failed
+MAX_COUNT = 10**15  # rounds, cohorts and populations beyond this are typos, not plans
 
 
 class CliError(Exception):
@@ -31,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: error: {message}")
 
 
-def _positive_float(name: str):
+def _finite_float(name: str):
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -44,12 +46,20 @@ def _positive_float(name: str):
     return parse
 
 
+def _parse_int(text: str) -> int:
+    """An integer, allowing thousands separators (1,024 or 1_024)."""
+    return int(text.strip().replace(",", "").replace("_", ""))
+
+
 def _int_arg(name: str):
     def parse(text: str) -> int:
         try:
-            value = int(text.replace(",", "").replace("_", ""))
+            value = _parse_int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if abs(value) > MAX_COUNT:
+            shown = text if len(text) <= 24 else text[:20] + "..."
+            raise argparse.ArgumentTypeError(f"{name} must be at most {MAX_COUNT:.0e}, got {shown}")
         return value
 
     return parse
@@ -65,24 +75,29 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
             "Adjacency: add/remove one user."
         ),
     )
-    noise = p.add_argument_group("noise (one of)")
+    noise = p.add_argument_group("noise (one of)").add_mutually_exclusive_group(required=True)
     noise.add_argument(
         "--noise-multiplier",
         "-z",
-        type=_positive_float("--noise-multiplier"),
+        type=_finite_float("--noise-multiplier"),
         help="z: noise std on the sum of clipped updates, in units of C",
     )
     noise.add_argument(
         "--sigma-dp",
-        type=_positive_float("--sigma-dp"),
+        type=_finite_float("--sigma-dp"),
         help="paper convention: noise std on the average, in units of C "
         "(z = sigma_DP x cohort); needs --cohort",
+    )
+    noise.add_argument(
+        "--target-epsilon",
+        type=_finite_float("--target-epsilon"),
+        help="instead of epsilon, print the noise multiplier that reaches this epsilon",
     )
     sampling = p.add_argument_group("sampling (--sample-rate, or --cohort and --population)")
     sampling.add_argument(
         "--sample-rate",
         "-q",
-        type=_positive_float("--sample-rate"),
+        type=_finite_float("--sample-rate"),
         help="probability that a user takes part in a round",
     )
     sampling.add_argument(
@@ -94,18 +109,13 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", "-T", type=_int_arg("--rounds"), required=True)
     p.add_argument(
         "--delta",
-        type=_positive_float("--delta"),
+        type=_finite_float("--delta"),
         help="target delta (default: a power of ten at least 10x below 1/population)",
     )
     p.add_argument(
         "--accountants",
         default="rdp,prv,pld",
         help="comma-separated subset of rdp,prv,pld (default: all three)",
-    )
-    p.add_argument(
-        "--target-epsilon",
-        type=_positive_float("--target-epsilon"),
-        help="instead of epsilon, print the noise multiplier that reaches this epsilon",
     )
     p.add_argument(
         "--extrapolate",
@@ -153,11 +163,6 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
         raise CliError(f"--delta must be in (0, 1), got {delta:g}")
     z = args.noise_multiplier
     sigma_dp = args.sigma_dp
-    if args.target_epsilon is None:
-        if (z is None) == (sigma_dp is None):
-            raise CliError("give exactly one of --noise-multiplier and --sigma-dp")
-    elif z is not None or sigma_dp is not None:
-        raise CliError("--target-epsilon computes the noise: drop --noise-multiplier/--sigma-dp")
     if z is not None and z < 0:
         raise CliError(f"--noise-multiplier must be >= 0, got {z:g}")
     if sigma_dp is not None:
@@ -170,7 +175,7 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
         sigma_dp = z / cohort
     if args.target_epsilon is not None and args.target_epsilon <= 0:
         raise CliError(f"--target-epsilon must be > 0, got {args.target_epsilon:g}")
-    accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
+    accountants = list(dict.fromkeys(a.strip() for a in args.accountants.split(",") if a.strip()))
     unknown = [a for a in accountants if a not in ACCOUNTANTS]
     if unknown or not accountants:
         raise CliError(
@@ -189,7 +194,9 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
     }
 
 
-def _extrapolation_settings(tokens: list[str], cohort, population) -> list[tuple[str, int, int]]:
+def _extrapolation_settings(
+    tokens: list[str], cohort: float | None, population: int | None
+) -> list[tuple[str, float, float]]:
     from dpfl.privacy.accounting import scaled_settings
 
     if cohort is None or population is None:
@@ -199,25 +206,29 @@ def _extrapolation_settings(tokens: list[str], cohort, population) -> list[tuple
         if ":" in token:
             s_text, k_text = token.split(":", 1)
             try:
-                s, k = int(s_text.replace(",", "")), int(k_text.replace(",", ""))
+                s, k = _parse_int(s_text), _parse_int(k_text)
             except ValueError:
                 raise CliError(f"--extrapolate: {token!r} is not COHORT:POPULATION") from None
-            out.append((f"{s / cohort:g}:{k / population:g}", s, k))
+            label = f"{s / cohort:.4g}:{k / population:.4g}"
         else:
             try:
-                scale = float(token)
+                ((s, k),) = scaled_settings(cohort, population, [float(token)])
             except ValueError:
                 raise CliError(
-                    f"--extrapolate: {token!r} is neither a scale nor COHORT:POPULATION"
+                    f"--extrapolate: {token!r} is neither a finite scale > 0 nor COHORT:POPULATION"
                 ) from None
-            if not math.isfinite(scale) or scale <= 0:
-                raise CliError(f"--extrapolate: scale must be > 0, got {token}")
-            ((s, k),) = scaled_settings(round(cohort), population, [scale])
-            out.append((f"{scale:g}", s, k))
-    for _, s, k in out:
-        if not 1 <= s <= k:
-            raise CliError(f"--extrapolate: need 1 <= cohort <= population, got {s}:{k}")
+            label = token
+        if not (1 <= s <= k <= MAX_COUNT):
+            raise CliError(
+                f"--extrapolate {token}: need 1 <= cohort <= population <= {MAX_COUNT:.0e}, "
+                f"got cohort {s:.4g}, population {k:.4g}"
+            )
+        out.append((label, s, k))
     return out
+
+
+def _fmt_count(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.2f}"
 
 
 def _fmt_eps(eps: float) -> str:
@@ -274,14 +285,21 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         except AccountantRangeError as err:
             row["refused"] = str(err)
         except ValueError as err:
-            raise CliError(str(err)) from None
+            if args.target_epsilon is not None:  # the target is out of the search range
+                raise CliError(str(err)) from None
+            row["refused"] = f"{name} failed: {err}"
+        except ArithmeticError as err:
+            row["refused"] = f"{name} failed: {type(err).__name__}: {err}"
         row["seconds"] = time.perf_counter() - t0
         report["accountants"].append(row)
     if settings is not None:
         sigma_dp = plan["sigma_dp"]
         if not sigma_dp:
             raise CliError("--extrapolate needs a non-zero noise")
-        rows = extrapolate(sigma_dp, [(s, k) for _, s, k in settings], T, delta, "rdp")
+        try:
+            rows = extrapolate(sigma_dp, [(s, k) for _, s, k in settings], T, delta, "rdp")
+        except (ValueError, ArithmeticError) as err:
+            raise CliError(f"--extrapolate: {err}") from None
         report["extrapolation"] = {
             "accountant": "rdp",
             "keeps": {"sigma_dp": sigma_dp, "rounds": T, "delta": delta},
@@ -300,10 +318,23 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         }
     report["seconds"] = time.perf_counter() - started
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(_json_safe(report), indent=2, allow_nan=False))
     else:
         _print_budget(report, args.target_epsilon)
+    if all("refused" in row for row in report["accountants"]):
+        return EXIT_NO_ANSWER
     return 0
+
+
+def _json_safe(value):
+    """inf/NaN as strings: strict JSON has no Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _print_budget(report: dict, target: float | None) -> None:
@@ -314,7 +345,7 @@ def _print_budget(report: dict, target: float | None) -> None:
     out.append(f"  sampling:  {report['assumptions']['sampling']}")
     if plan["cohort"] is not None and plan["population"] is not None:
         rate = (
-            f"q = {plan['sample_rate']:.6g} (expected cohort {plan['cohort']:,.0f} of "
+            f"q = {plan['sample_rate']:.6g} (expected cohort {_fmt_count(plan['cohort'])} of "
             f"population {plan['population']:,})"
         )
     else:
@@ -358,7 +389,7 @@ def _print_budget(report: dict, target: float | None) -> None:
         )
         for r in ext["rows"]:
             out.append(
-                f"  {r['scale']:>10}{r['cohort']:>12,}{r['population']:>15,}"
+                f"  {r['scale']:>10}{_fmt_count(r['cohort']):>12}{_fmt_count(r['population']):>15}"
                 f"{r['sample_rate']:>11.4g}{r['noise_multiplier']:>10.4g}"
                 f"{_fmt_eps(r['epsilon']):>12}"
             )

@@ -3,7 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dp_accounting
 import pytest
+from dp_accounting import pld as dpa_pld
+from dp_accounting import rdp as dpa_rdp
 
 from dpfl.cli import main
 
@@ -26,9 +29,17 @@ def test_budget_reports_each_accountant_and_its_assumptions():
         for parts in map(str.split, out.splitlines())
         if parts and parts[0] in ("rdp", "prv", "pld")
     }
-    assert float(rows["rdp"]) == pytest.approx(4.44, abs=0.01)
-    assert float(rows["prv"]) == pytest.approx(4.22, abs=0.02)
-    assert float(rows["pld"]) == pytest.approx(4.22, abs=0.02)
+    # independent references: Google's dp-accounting RDP and PLD on the same plan
+    event = dp_accounting.PoissonSampledDpEvent(
+        204_800 / 6_950_600, dp_accounting.GaussianDpEvent(2.048)
+    )
+    rdp_ref = dpa_rdp.RdpAccountant()
+    pld_ref = dpa_pld.PLDAccountant(value_discretization_interval=1e-4)
+    rdp_ref.compose(event, 2006)
+    pld_ref.compose(event, 2006)
+    assert float(rows["rdp"]) == pytest.approx(rdp_ref.get_epsilon(1e-9), rel=0.02)
+    assert float(rows["prv"]) == pytest.approx(pld_ref.get_epsilon(1e-9), rel=0.02)
+    assert float(rows["pld"]) == pytest.approx(pld_ref.get_epsilon(1e-9), rel=0.02)
 
 
 def test_budget_json_and_extrapolation(capsys):
@@ -78,7 +89,39 @@ def test_an_accountant_that_refuses_is_reported_not_fatal(capsys):
     assert main([*args, "--accountants", "rdp,pld", "--json"]) == 0
     rdp, pld = json.loads(capsys.readouterr().out)["accountants"]
     assert rdp["noise_multiplier"] < 0.1
-    assert "below pld's minimum 0.1" in pld["refused"]
+    assert "already met at noise multiplier 0.1" in pld["refused"]
+
+
+def test_every_accountant_refusing_exits_one_with_the_table(capsys):
+    args = ["budget", "-z", "0.01", "-q", "0.03", "-T", "2000", "--delta", "1e-9"]
+    assert main([*args, "--accountants", "prv,pld"]) == 1
+    assert main([*args, "--accountants", "prv,pld,rdp"]) == 0
+    assert "refuses" in capsys.readouterr().out
+
+
+def test_json_is_strict_even_for_unbounded_epsilon(capsys):
+    assert (
+        main(
+            [
+                "budget",
+                "-z",
+                "0",
+                "-q",
+                "0.1",
+                "-T",
+                "10",
+                "--delta",
+                "1e-5",
+                "--json",
+                "--accountants",
+                "rdp,rdp",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert [r["epsilon"] for r in report["accountants"]] == ["inf"]  # deduplicated, inf as text
 
 
 def test_default_delta_follows_population(capsys):
@@ -136,6 +179,29 @@ def test_default_delta_follows_population(capsys):
             "--extrapolate needs --cohort and --population",
         ),
         (["-z", "1", "-q", "0.1", "--delta", "1e-5"], "required: --rounds"),
+        (["-q", "0.1", "-T", "10", "--delta", "1e-5"], "--target-epsilon is required"),
+        (
+            ["-z", "1", "--sigma-dp", "1e-5", "-q", "0.1", "-T", "10", "--delta", "1e-5"],
+            "not allowed with",
+        ),
+        (["-z", "1", "-q", "0.1", "-T", "1" + "0" * 400, "--delta", "1e-5"], "at most 1e+15"),
+        (["-z", "1", "-q", "0.01", "-K", "1" + "0" * 400, "-T", "10"], "at most 1e+15"),
+        (
+            ["-z", "1", "-S", "10", "-K", "100", "-T", "10", "--extrapolate", "1e306"],
+            "need 1 <= cohort <= population",
+        ),
+        (
+            ["-z", "1", "-S", "10", "-K", "100", "-T", "10", "--extrapolate", "1e-300"],
+            "need 1 <= cohort <= population",
+        ),
+        (
+            ["-z", "1", "-S", "10", "-K", "100", "-T", "10", "--extrapolate", "inf"],
+            "neither a finite scale",
+        ),
+        (
+            ["-z", "1", "-S", "10", "-K", "100", "-T", "10", "--extrapolate", "5:x"],
+            "is not COHORT:POPULATION",
+        ),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(capsys, args, needle):

@@ -75,6 +75,9 @@ DEFAULT_RDP_ORDERS: tuple[float, ...] = tuple(
 )
 
 MIN_NOISE_MULTIPLIER: dict[str, float] = {"prv": 0.1, "pld": 0.1}
+# Below this, Opacus' fractional-order RDP series slows down and eventually never terminates
+# (z ~ 1e-154); epsilon there exceeds 1e11, so RDP reports it as unbounded (a valid upper bound).
+RDP_MIN_NOISE_MULTIPLIER = 1e-4
 MAX_GRID_POINTS: dict[str, float] = {"prv": 4e6, "pld": 1e7}
 PRV_EPS_ERROR = 0.01
 PLD_DISCRETIZATION = 1e-3
@@ -179,11 +182,12 @@ def _rdp_epsilon(segments: Sequence[Segment], delta: float) -> tuple[float, floa
     if order == orders[0]:
         note = (
             f"optimum at the smallest RDP order ({order:.6g}); the bound is valid but loose "
-            "(noise this small gives no meaningful guarantee)"
+            "(this little noise over this many rounds gives no meaningful guarantee)"
         )
     elif order == orders[-1]:
         note = f"optimum at the largest RDP order ({order:g}); the bound is valid but loose"
-    return float(eps), float(order), note
+    # The conversion can dip below 0 when delta is large; epsilon = 0 is the true floor.
+    return max(0.0, float(eps)), float(order), note
 
 
 def _grid_points(segments: Sequence[Segment], delta: float, accountant: str) -> float:
@@ -223,8 +227,8 @@ def _refusal(segments: Sequence[Segment], delta: float, accountant: str) -> str 
     if points > MAX_GRID_POINTS[accountant]:
         return (
             f"{accountant} refuses this setting: its loss grid would need {points:.3g} points "
-            f"(limit {MAX_GRID_POINTS[accountant]:.0e}); the noise multiplier {z_min:.4g} is "
-            "too small for it"
+            f"(limit {MAX_GRID_POINTS[accountant]:.0e}) for noise multiplier {z_min:.4g} "
+            f"over {sum(s.steps for s in segments)} rounds"
         )
     return None
 
@@ -234,7 +238,12 @@ def _prv_epsilon(segments: Sequence[Segment], delta: float) -> float:
 
     acc = PRVAccountant()
     acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in segments if s.steps > 0]
-    return float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+    with warnings.catch_warnings():
+        # q = 1 makes Opacus take log(0) on the way to a correct result, and its internal
+        # domain sizing warns about its own RDP orders; neither affects the PRV bound.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return max(0.0, float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR)))
 
 
 def _pld_epsilon(segments: Sequence[Segment], delta: float) -> float:
@@ -252,7 +261,21 @@ def _pld_epsilon(segments: Sequence[Segment], delta: float) -> float:
         if s.sample_rate < 1:
             event = dp_accounting.PoissonSampledDpEvent(s.sample_rate, event)
         acc.compose(event, s.steps)
-    return float(acc.get_epsilon(delta))
+    return max(0.0, float(acc.get_epsilon(delta)))
+
+
+def _grouped(segments: Iterable[Segment]) -> list[Segment]:
+    """Segments with equal (z, q) merged, wherever they occur.
+
+    The three accountants compose by adding RDP curves or convolving loss distributions, both
+    order-independent, so alternating settings cost one segment per distinct setting.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for s in segments:
+        if s.steps > 0:
+            key = (s.noise_multiplier, s.sample_rate)
+            steps[key] = steps.get(key, 0) + s.steps
+    return [Segment(z, q, t) for (z, q), t in steps.items()]
 
 
 def epsilon_for_segments(
@@ -269,25 +292,32 @@ def epsilon_for_segments(
     """
     delta = _check_delta(delta)
     _check_accountant(accountant)
-    segments = [s for s in segments if s.steps > 0]
+    segments = _grouped(segments)
     if not segments:
         return EpsilonResult(0.0, delta, accountant, accountant, "no rounds: nothing spent")
     if any(s.noise_multiplier == 0 for s in segments):
         return EpsilonResult(
             math.inf, delta, accountant, accountant, "a round ran without noise: no DP guarantee"
         )
-    if accountant == "rdp":
-        eps, order, note = _rdp_epsilon(segments, delta)
-        return EpsilonResult(eps, delta, "rdp", "rdp", note, order)
-    reason = _refusal(segments, delta, accountant)
-    if reason is not None:
+    prefix = ""
+    if accountant != "rdp":
+        reason = _refusal(segments, delta, accountant)
+        if reason is None:
+            compute = _prv_epsilon if accountant == "prv" else _pld_epsilon
+            return EpsilonResult(compute(segments, delta), delta, accountant, accountant)
         if not fallback:
             raise AccountantRangeError(reason + "; use the rdp accountant")
-        eps, order, note = _rdp_epsilon(segments, delta)
-        full = f"{reason}; fell back to rdp" + (f" ({note})" if note else "")
-        return EpsilonResult(eps, delta, "rdp", accountant, full, order)
-    eps = _prv_epsilon(segments, delta) if accountant == "prv" else _pld_epsilon(segments, delta)
-    return EpsilonResult(eps, delta, accountant, accountant)
+        prefix = f"{reason}; fell back to rdp: "
+    z_min = min(s.noise_multiplier for s in segments)
+    if z_min < RDP_MIN_NOISE_MULTIPLIER:
+        note = (
+            f"noise multiplier {z_min:.3g} < {RDP_MIN_NOISE_MULTIPLIER:g}: epsilon (above 1e11) "
+            "is reported as unbounded"
+        )
+        return EpsilonResult(math.inf, delta, "rdp", accountant, prefix + note)
+    eps, order, note = _rdp_epsilon(segments, delta)
+    full = (prefix + (note or "")).rstrip(": ") or None
+    return EpsilonResult(eps, delta, "rdp", accountant, full, order)
 
 
 def compute_epsilon(
@@ -320,9 +350,10 @@ def calibrate_noise_multiplier(
     ``rounds`` rounds at ``delta`` is at most ``target_epsilon``.
 
     The returned z satisfies ``target * (1 - rel_tol) <= epsilon(z) <= target`` (or z is pinned to
-    a relative precision of 1e-6 where epsilon jumps, as PLD's discretised bound can). z is
-    searched in ``CALIBRATION_RANGE`` (PRV/PLD: from their minimum z); a target outside what that
-    range reaches raises ValueError naming the range.
+    a relative precision of 1e-6 where epsilon jumps, as PLD's discretised bound can).
+    z is searched in ``CALIBRATION_RANGE`` (PRV/PLD: from their minimum z). A target outside what
+    that range reaches raises ValueError naming the range; a target that PRV/PLD could only meet
+    with a z they refuse raises :class:`AccountantRangeError`.
     """
     target = _check_number("target epsilon", target_epsilon)
     if not math.isfinite(target) or target <= 0:
@@ -333,57 +364,81 @@ def calibrate_noise_multiplier(
     if rounds == 0:
         raise ValueError("rounds must be >= 1 to calibrate noise")
     _check_accountant(accountant)
+    if not 0 < rel_tol < 0.5:
+        raise ValueError(f"rel_tol must be in (0, 0.5), got {rel_tol!r}")
 
-    def eps(z: float) -> float:
-        return epsilon_for_segments([Segment(z, q, rounds)], delta, accountant).epsilon
+    def eps(z: float) -> float | None:
+        """Epsilon at z, or None where the accountant refuses z (only ever below some z)."""
+        try:
+            return epsilon_for_segments([Segment(z, q, rounds)], delta, accountant).epsilon
+        except AccountantRangeError:
+            return None
 
+    def meets(e: float | None) -> bool:
+        return e is not None and e <= target
+
+    bottom, top = CALIBRATION_RANGE
     if accountant == "rdp":
-        bottom, top = CALIBRATION_RANGE
         start, factor = 1.0, 4.0
     else:
-        # RDP upper-bounds PRV/PLD, so the RDP answer is an upper end of their bracket.
-        top = calibrate_noise_multiplier(target, delta, q, rounds, "rdp", rel_tol=rel_tol)
-        top *= 1 + 1e-6
-        bottom = MIN_NOISE_MULTIPLIER[accountant]
-        if top < bottom:
-            raise AccountantRangeError(
-                f"target epsilon {target:g} needs a noise multiplier near {top:.4g}, below "
-                f"{accountant}'s minimum {bottom:g}; use the rdp accountant"
-            )
-        start, factor = top, 1.25
+        # RDP's answer is close to PRV/PLD's (theirs is smaller, up to PRV's 0.01 slack).
+        bottom = max(bottom, MIN_NOISE_MULTIPLIER[accountant])
+        rdp_z = calibrate_noise_multiplier(target, delta, q, rounds, "rdp", rel_tol=rel_tol)
+        start, factor = min(max(rdp_z, bottom), top), 1.25
     range_text = f"[{bottom:.4g}, {top:.4g}]"
-    # Bracket: walk geometrically from ``start`` until eps(lo) > target >= eps(hi).
-    z, e = start, eps(start)
-    if e > target:
-        while e > target:
-            if z >= top:
+    refuse_hint = "" if accountant == "rdp" else " (or the rdp accountant)"
+
+    # Bracket: hi meets the target; lo does not, or is refused.
+    z = start
+    if meets(eps(z)):
+        hi = z
+        while True:
+            if hi <= bottom:
+                message = (
+                    f"target epsilon {target:g} is already met at noise multiplier {hi:.4g}, the "
+                    f"bottom of the calibration search range {range_text} for {accountant}: "
+                    f"choose a smaller target epsilon{refuse_hint}"
+                )
+                if accountant == "rdp":
+                    raise ValueError(message)
+                raise AccountantRangeError(message)
+            z = max(hi / factor, bottom)
+            if not meets(eps(z)):
+                lo = z
+                break
+            hi = z
+    else:
+        lo = z
+        while True:
+            if lo >= top:
                 raise ValueError(
                     f"target epsilon {target:g} needs a noise multiplier above {top:g}, the top "
                     f"of the calibration search range {range_text} for {accountant}"
                 )
-            lo, z = z, min(z * factor, top)
-            e = eps(z)
-        hi = z
-    else:
-        hi = z
-        while True:
-            candidate = max(hi / factor, bottom)
-            try:
-                e = eps(candidate) if candidate < hi else -math.inf
-            except AccountantRangeError:
-                e = -math.inf  # the accountant cannot go lower: hi is the bottom
-            if e > target:
-                lo = candidate
+            z = min(lo * factor, top)
+            if meets(eps(z)):
+                hi = z
                 break
-            if e == -math.inf:
-                raise ValueError(
-                    f"target epsilon {target:g} is already met at noise multiplier {hi:.4g}, the "
-                    f"bottom of the calibration search range {range_text} for {accountant}: "
-                    "choose a smaller target epsilon"
-                    + ("" if accountant == "rdp" else " or the rdp accountant")
-                )
-            hi = candidate
-    z_lo, z_hi = lo, hi
+            lo = z
+
+    # Where lo is refused, bisect toward the smallest z the accountant accepts.
+    while eps(lo) is None:
+        mid = math.sqrt(lo * hi)
+        if hi / lo < 1 + 1e-3:
+            e_hi = eps(hi)
+            if e_hi >= target * (1 - rel_tol):
+                return hi
+            raise AccountantRangeError(
+                f"target epsilon {target:g} needs a noise multiplier below {hi:.4g}, the "
+                f"smallest {accountant} can compute here (epsilon {e_hi:.4g} there); use the rdp "
+                "accountant"
+            )
+        e_mid = eps(mid)
+        if meets(e_mid):
+            hi = mid
+        else:
+            lo = mid
+
     # Root of log eps(z) = log(target * (1 - rel_tol / 2)) in log z (Brent's method: few
     # accountant calls), then bisection keeps the invariant eps(lo) > target >= eps(hi) until
     # eps(hi) is within rel_tol of the target. The bisection also covers PLD, whose discretised
@@ -391,17 +446,17 @@ def calibrate_noise_multiplier(
     aim = math.log(target * (1 - rel_tol / 2))
 
     def f(u: float) -> float:
-        return math.log(min(eps(math.exp(u)), 1e300)) - aim
+        return math.log(max(min(eps(math.exp(u)), 1e300), 1e-300)) - aim
 
-    lo, hi = z_lo, z_hi
     try:
-        guess = math.exp(brentq(f, math.log(z_lo), math.log(z_hi), xtol=rel_tol / 8))
+        guess = math.exp(brentq(f, math.log(lo), math.log(hi), xtol=rel_tol / 8))
     except ValueError:  # no sign change around aim (epsilon jumps across it)
         guess = None
     if guess is not None:
         for z in (guess, guess * (1 + 1e-4)):
-            e = eps(z)
-            if e <= target:
+            if z >= hi:
+                break
+            if meets(eps(z)):
                 hi = z
                 break
             lo = max(lo, z)
@@ -494,27 +549,33 @@ class PrivacyLedger:
 
 @dataclass(frozen=True)
 class ExtrapolationRow:
-    cohort: int
-    population: int
+    cohort: float
+    """Expected cohort size S (real-valued: S = q * K)."""
+    population: float
     sample_rate: float
     noise_multiplier: float
     result: EpsilonResult
 
 
-def scaled_settings(cohort: int, population: int, scales: Iterable[float]) -> list[tuple[int, int]]:
-    """(cohort, population) scaled together by each factor, as the paper extrapolates."""
+def scaled_settings(
+    cohort: float, population: float, scales: Iterable[float]
+) -> list[tuple[float, float]]:
+    """(cohort, population) scaled together by each factor, as the paper extrapolates.
+
+    Not rounded: q = S/K and z = sigma_DP * S stay exactly what the scale implies.
+    """
     out = []
     for k in scales:
         k = _check_number("scale", k)
         if not math.isfinite(k) or k <= 0:
-            raise ValueError(f"an extrapolation scale must be a finite number > 0, got {k!r}")
-        out.append((max(1, round(cohort * k)), max(1, round(population * k))))
+            raise ValueError(f"an extrapolation scale must be finite and > 0, got {k!r}")
+        out.append((cohort * k, population * k))
     return out
 
 
 def extrapolate(
     sigma_dp: float,
-    settings: Iterable[tuple[int, int]],
+    settings: Iterable[tuple[float, float]],
     rounds: int,
     delta: float,
     accountant: Accountant = "rdp",
@@ -522,23 +583,26 @@ def extrapolate(
     """Epsilon at larger populations with the same noise on the average.
 
     Keeps sigma_DP (noise std on the averaged update, relative to C), C and T fixed; for each
-    (cohort S, population K) sets z = sigma_DP * S and q = S / K. Training is unchanged because the
-    noise on the average is unchanged (the paper's assumption: it also presumes the larger cohort
-    of real users gives an average as useful as the smaller one).
+    (expected cohort S, population K) sets z = sigma_DP * S and q = S / K. Training is unchanged
+    because the noise on the average is unchanged (the paper's assumption: it also presumes the
+    larger cohort of real users gives an average as useful as the smaller one).
+    PRV/PLD fall back to RDP where they refuse, saying so in the row's note.
     """
     sigma = _check_number("sigma_dp", sigma_dp)
     if not math.isfinite(sigma) or sigma <= 0:
         raise ValueError(f"sigma_dp must be a finite number > 0, got {sigma_dp!r}")
     rows = []
     for cohort, population in settings:
-        if cohort < 1 or population < 1 or cohort > population:
+        s = _check_number("cohort", cohort)
+        k = _check_number("population", population)
+        if not (math.isfinite(k) and 1 <= s <= k):
             raise ValueError(
-                f"need 1 <= cohort <= population, got cohort {cohort}, population {population}"
+                f"need 1 <= cohort <= population (finite), got cohort {cohort:g}, "
+                f"population {population:g}"
             )
-        z = sigma * cohort
-        q = cohort / population
+        z, q = sigma * s, s / k
         result = epsilon_for_segments([Segment(z, q, rounds)], delta, accountant, fallback=True)
-        rows.append(ExtrapolationRow(cohort, population, q, z, result))
+        rows.append(ExtrapolationRow(s, k, q, z, result))
     return rows
 
 

@@ -48,6 +48,9 @@ CLIP_NORM_RTOL = 1e-6
 """Shared relative tolerance on clip bounds (float32 rounding is ~1.2e-7, so honest clipped
 updates are never rejected; anything above ``bound * (1 + 1e-6)`` is)."""
 
+CLIP_NORM_RANGE: tuple[float, float] = (1e-12, 1e12)
+"""Accepted clip bounds C."""
+
 Scheme = Literal["flat", "uniform", "dim"]
 Mode = Literal["clip", "normalize"]
 SCHEMES: tuple[str, ...] = ("flat", "uniform", "dim")
@@ -74,8 +77,10 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         c = self.clip_norm
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
-            raise ValueError(f"clip_norm must be a finite number > 0, got {c!r}")
+        lo, hi = CLIP_NORM_RANGE
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not lo <= c <= hi:
+            # Outside this range float32 deltas can no longer be scaled to the bound exactly.
+            raise ValueError(f"clip_norm must be a number in [{lo:g}, {hi:g}], got {c!r}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
         if self.mode not in MODES:
@@ -143,12 +148,14 @@ def _scale(norm: float, bound: float, mode: Mode) -> float:
     return min(1.0, bound / norm)
 
 
-def _apply_scale(t: torch.Tensor, s: float) -> torch.Tensor:
+def _apply_scale(t: torch.Tensor, s: float, norm: float, bound: float) -> torch.Tensor:
+    """``t * s`` where ``s`` is 1, 0 or ``bound / norm``."""
     t = t.detach()
-    if 1e-30 <= s <= 1e30 or s == 0.0:
+    if s == 0.0 or 1e-30 <= s <= 1e30:
         return t * s
-    # Normalising a near-zero float32 tensor needs a factor beyond float32's range.
-    return (t.to(torch.float64) * s).to(t.dtype)
+    # The factor is beyond float32's range (normalising a near-zero tensor) or would be subnormal
+    # (clipping a huge float64 one): divide by the norm first, then multiply by the bound.
+    return (t.to(torch.float64) / norm * bound).to(t.dtype)
 
 
 def clip_update(
@@ -168,18 +175,28 @@ def clip_update(
     total = global_norm(norms)
     bounds = bounds_for(update, config)
     if bounds is None:
-        s = _scale(total, config.clip_norm, config.mode)
-        scales = [s] * len(ts)
+        # One factor for the whole update: every tensor is divided by the global norm.
+        bounds = [config.clip_norm] * len(ts)
+        divisors = [total] * len(ts)
         clipped = total > config.clip_norm
         layers_clipped = len(ts) if clipped else 0
     else:
-        scales = [_scale(n, b, config.mode) for n, b in zip(norms, bounds, strict=True)]
-        over = [n > b for n, b in zip(norms, bounds, strict=True)]
-        layers_clipped = sum(over)
+        divisors = norms
+        layers_clipped = sum(n > b for n, b in zip(norms, bounds, strict=True))
         clipped = layers_clipped > 0
+    scales = [_scale(n, b, config.mode) for n, b in zip(divisors, bounds, strict=True)]
     with torch.no_grad():
-        out = [_apply_scale(t, s) for t, s in zip(ts, scales, strict=True)]
-    norm_after = global_norm([n * s for n, s in zip(norms, scales, strict=True)])
+        out = [
+            _apply_scale(t, s, n, b)
+            for t, s, n, b in zip(ts, scales, divisors, bounds, strict=True)
+        ]
+    # n * s, computed as n / divisor * bound where s = bound / divisor may overflow.
+    norm_after = global_norm(
+        [
+            n * s if s in (0.0, 1.0) else n / d * b
+            for n, s, d, b in zip(norms, scales, divisors, bounds, strict=True)
+        ]
+    )
     stats = ClipStats(
         norm=total,
         layer_norms=tuple(norms),
@@ -191,10 +208,11 @@ def clip_update(
     return rebuild(update, out), stats
 
 
-def norm_violation(
-    update: Update, config: ClipConfig, reference: Shapes | None = None
-) -> str | None:
+def norm_violation(update: Update, config: ClipConfig, reference: Shapes) -> str | None:
     """The server-side check of a clipped update: None when it is within bounds, else why not.
+
+    ``reference`` (the model's parameter shapes) is required: a bound on the norm of an update
+    that is broadcast into differently shaped parameters bounds nothing.
 
     Uses the same tolerance as clipping (``CLIP_NORM_RTOL``): the whole update must be within C,
     and, for per-layer schemes, every tensor within its own C_h. Malformed updates (empty,

@@ -64,6 +64,10 @@ def validate_update(update: Update, reference: Shapes | None = None) -> None:
     for name, t in zip(names, tensors(update), strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} is a {type(t).__name__}, not a torch.Tensor")
+        if t.layout != torch.strided or t.is_meta:
+            raise TypeError(
+                f"{name} must be a dense tensor with data, got {t.layout} on {t.device}"
+            )
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"{name} has dtype {t.dtype}; updates are clipped in float32 or float64 "
@@ -94,24 +98,36 @@ def validate_update(update: Update, reference: Shapes | None = None) -> None:
 
 
 def l2_norm(t: torch.Tensor, name: str = "tensor") -> float:
-    """The L2 norm of ``t`` in float64, raising ValueError if ``t`` holds NaN or Inf.
+    """The L2 norm of ``t`` in float64.
 
-    A float64 tensor of finite but huge values can overflow the plain sum of squares; the norm is
-    then recomputed on the tensor scaled by its largest magnitude, so it is finite whenever every
-    value is.
+    Raises ValueError if ``t`` holds NaN or Inf, or if its norm itself exceeds float64's range.
+    The plain sum of squares overflows for float64 values above ~1e154 and underflows below
+    ~1e-154; there the norm is recomputed on the tensor divided by its largest magnitude.
     """
-    n = torch.linalg.vector_norm(t.detach(), dtype=torch.float64).item()
-    if math.isfinite(n):
+    t = t.detach()
+    n = torch.linalg.vector_norm(t, dtype=torch.float64).item()
+    if 1e-140 <= n < math.inf:
         return n
-    if not bool(torch.isfinite(t).all()):
+    if math.isnan(n) or (math.isinf(n) and not bool(torch.isfinite(t).all())):
         raise ValueError(f"{name} contains NaN or Inf values; a non-finite update is rejected")
-    scale = t.detach().abs().max().to(torch.float64)
-    return scale.item() * torch.linalg.vector_norm(t.detach().to(torch.float64) / scale).item()
+    scale = t.abs().max().to(torch.float64)
+    if scale.item() == 0.0:
+        return 0.0
+    n = scale.item() * torch.linalg.vector_norm(t.to(torch.float64) / scale).item()
+    if not math.isfinite(n):
+        raise ValueError(f"the norm of {name} exceeds the float64 range; the update is rejected")
+    return n
 
 
 def global_norm(layer_norms: Sequence[float]) -> float:
-    """The L2 norm of a whole update from its per-layer norms (overflow-safe)."""
+    """The L2 norm of a whole update from its per-layer norms.
+
+    Raises ValueError when the result exceeds float64's range (never returns inf or NaN).
+    """
     m = max(layer_norms, default=0.0)
     if m == 0.0:
         return 0.0
-    return m * math.sqrt(math.fsum((n / m) ** 2 for n in layer_norms))
+    n = m * math.sqrt(math.fsum((x / m) ** 2 for x in layer_norms))
+    if not math.isfinite(n):
+        raise ValueError("the norm of the update exceeds the float64 range; it is rejected")
+    return n

@@ -127,13 +127,41 @@ def test_calibration_inverts_epsilon(accountant, z, q, t, delta):
     assert z_found == pytest.approx(z, rel=0.02)
 
 
+@pytest.mark.parametrize("accountant", ["prv", "pld"])
+def test_calibration_near_the_grid_limit(accountant):
+    """The paper's real cohort (q = 1024/34753, T = 2000): targets whose z lies just above the
+    accountant's refusal limit calibrate; targets that need a refused z are refused, not misread
+    as 'already met'."""
+    q, t = 1024 / 34_753, 2000
+    ok_target = {"prv": 70.0, "pld": 300.0}[accountant]
+    z = calibrate_noise_multiplier(ok_target, 1e-9, q, t, accountant)
+    assert ok_target * 0.99 <= compute_epsilon(z, q, t, 1e-9, accountant).epsilon <= ok_target
+    with pytest.raises(AccountantRangeError, match="smallest .* can compute here"):
+        calibrate_noise_multiplier(
+            {"prv": 200.0, "pld": 5000.0}[accountant], 1e-9, q, t, accountant
+        )
+
+
+def test_prv_calibration_for_a_small_target_above_the_rdp_answer():
+    # PRV's upper bound carries 0.01 of absolute slack, so at small epsilon it can exceed RDP's:
+    # the search must walk above RDP's z instead of declaring the target unreachable.
+    q, t, delta, target = 0.489, 500, 2.9e-7, 0.107
+    z_rdp = calibrate_noise_multiplier(target, delta, q, t, "rdp")
+    assert compute_epsilon(z_rdp, q, t, delta, "prv").epsilon > target
+    z = calibrate_noise_multiplier(target, delta, q, t, "prv")
+    assert z > z_rdp
+    assert target * 0.99 <= compute_epsilon(z, q, t, delta, "prv").epsilon <= target
+
+
 def test_calibration_out_of_range_names_the_range():
     with pytest.raises(ValueError, match=r"above 10000, the top of the calibration search range"):
         calibrate_noise_multiplier(1e-6, 1e-5, 0.01, 1000)
     with pytest.raises(ValueError, match=r"already met .* bottom of the calibration search range"):
         calibrate_noise_multiplier(1e15, 1e-5, 0.01, 10)
-    with pytest.raises(AccountantRangeError, match="below pld's minimum 0.1"):
+    with pytest.raises(AccountantRangeError, match="the smallest pld can compute here"):
         calibrate_noise_multiplier(1e4, 1e-5, 0.01, 1000, "pld")
+    with pytest.raises(ValueError, match="rel_tol"):
+        calibrate_noise_multiplier(1.0, 1e-5, 0.01, 1000, rel_tol=2.0)
 
 
 # --- tiny noise: bounded time and memory ------------------------------------------------------
@@ -160,6 +188,22 @@ def test_tiny_noise_is_refused_before_any_grid_is_built(monkeypatch, accountant,
     assert fallback.epsilon == compute_epsilon(z, q, t, 1e-9, "rdp").epsilon
 
 
+@pytest.mark.parametrize("z", [1e-5, 1e-155, 1e-300])
+def test_vanishing_noise_is_unbounded_without_hanging(z):
+    # Opacus' fractional-order series never terminates near z = 1e-154 and divides by zero at
+    # 1e-300; dpfl reports epsilon as unbounded below 1e-4 without calling it.
+    r = compute_epsilon(z, 0.1, 10, 1e-5)
+    assert math.isinf(r.epsilon) and "unbounded" in r.note
+    r = compute_epsilon(z, 0.1, 10, 1e-5, "pld", fallback=True)
+    assert math.isinf(r.epsilon) and "refuses" in r.note
+
+
+def test_epsilon_is_never_negative():
+    # With a huge delta the RDP conversion dips below zero; epsilon's floor is 0.
+    for name in ("rdp", "prv", "pld"):
+        assert compute_epsilon(100.0, 0.001, 1, 0.5, name).epsilon >= 0.0
+
+
 def test_rdp_at_the_papers_tiny_noise_is_finite_and_huge():
     r = compute_epsilon(noise_multiplier_from_sigma_dp(3e-6, 1024), 1024 / 34_753, 2000, 1e-9)
     assert math.isfinite(r.epsilon) and r.epsilon > 1e6
@@ -176,15 +220,30 @@ def test_the_documented_guard_lets_moderate_noise_through():
 # --- ledger -----------------------------------------------------------------------------------
 
 
-def test_ledger_round_by_round_equals_one_shot():
+def test_ledger_merges_consecutive_equal_rounds():
     ledger = PrivacyLedger()
     for _ in range(250):
         ledger.record(1.1, 0.01)
-    assert ledger.rounds == 250 and len(ledger.segments) == 1
-    for name in ("rdp", "pld"):
-        assert ledger.epsilon(1e-5, name).epsilon == pytest.approx(
-            compute_epsilon(1.1, 0.01, 250, 1e-5, name).epsilon, rel=1e-12
-        )
+    assert ledger.segments == (Segment(1.1, 0.01, 250),)
+
+
+def test_alternating_settings_are_grouped_before_accounting(monkeypatch):
+    # 200 alternating rounds: the accountants see 2 segments, and the same epsilon as in order.
+    ledger = PrivacyLedger()
+    for i in range(200):
+        ledger.record(1.0 if i % 2 else 2.0, 0.02)
+    assert len(ledger.segments) == 200
+    seen = []
+    real = acc._pld_epsilon
+    monkeypatch.setattr(
+        acc, "_pld_epsilon", lambda segs, d: seen.append(len(segs)) or real(segs, d)
+    )
+    got = ledger.epsilon(1e-6, "pld").epsilon
+    assert seen == [2]
+    ref = dpa_pld.PLDAccountant(value_discretization_interval=1e-4)
+    for i in range(200):
+        ref.compose(dpa_event(1.0 if i % 2 else 2.0, 0.02))
+    assert got == pytest.approx(ref.get_epsilon(1e-6), rel=0.02)
 
 
 def test_ledger_with_changing_noise_and_rate_matches_dp_accounting():
@@ -234,6 +293,9 @@ def test_extrapolation_reproduces_the_papers_scaling():
     # Common Voice: 34,753 speakers, cohort 1,024. x200 both -> the eps 4.5 row;
     # cohort x200 and population x2000 -> (204,800, 69,506,000), the eps 7.2 row at 3e-6.
     assert scaled_settings(1024, 34_753, [200]) == [(204_800, 6_950_600)]
+    # real-valued cohorts are kept as they are: q and z follow the scale exactly
+    ((row,),) = [extrapolate(1 / 3.5, scaled_settings(3.5, 7, [2]), 10, 1e-2)]
+    assert (row.sample_rate, row.noise_multiplier) == pytest.approx((0.5, 2.0))
     rows = extrapolate(1e-5, [(1024, 34_753), (204_800, 6_950_600)], 2006, 1e-9)
     assert rows[0].noise_multiplier == pytest.approx(0.01024)
     assert rows[0].result.epsilon > 1e5
@@ -253,6 +315,8 @@ def test_extrapolation_reproduces_the_papers_scaling():
 def test_extrapolation_rejects_cohort_above_population():
     with pytest.raises(ValueError, match="cohort <= population"):
         extrapolate(1e-5, [(10, 5)], 100, 1e-9)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        scaled_settings(10, 100, [float("inf")])
 
 
 def test_default_delta_is_below_one_over_population():

@@ -19,8 +19,10 @@ from dpfl.privacy.clipping import (
 
 
 def norm64(ts) -> float:
-    """Independent reference: one float64 vector of all entries."""
-    return torch.cat([t.detach().reshape(-1).double() for t in ts]).norm().item()
+    """Independent reference: one float64 vector of all entries, scaled to avoid overflow."""
+    v = np.concatenate([t.detach().reshape(-1).double().numpy() for t in ts])
+    m = np.abs(v).max()
+    return 0.0 if m == 0 else float(m * np.linalg.norm(v / m))
 
 
 def expected_bounds(numels, c, scheme):
@@ -103,6 +105,24 @@ def test_huge_float64_values_do_not_overflow_the_norm():
     assert out[0].norm().item() == pytest.approx(1.0)
 
 
+def test_update_whose_norm_overflows_float64_is_rejected_not_passed_through():
+    u = [torch.tensor([1.7e308, 1.7e308], dtype=torch.float64)]
+    for scheme in ("flat", "dim"):
+        for mode in ("clip", "normalize"):
+            with pytest.raises(ValueError, match="exceeds the float64 range"):
+                clip_update(u, ClipConfig(1.0, scheme, mode))
+    two = [torch.tensor([1.5e308], dtype=torch.float64)] * 2  # each finite, together not
+    with pytest.raises(ValueError, match="exceeds the float64 range"):
+        clip_update(two, ClipConfig(1.0))
+
+
+def test_clipping_a_huge_float64_update_to_a_tiny_bound_stays_within_tolerance():
+    u = [torch.tensor([2.5e307], dtype=torch.float64)]
+    out, _ = clip_update(u, ClipConfig(1e-12))
+    assert norm64(out) <= 1e-12 * (1 + CLIP_NORM_RTOL)
+    assert norm64(out) == pytest.approx(1e-12, rel=1e-12)
+
+
 def test_normalize_tiny_float32_update_without_overflow():
     u = [torch.tensor([1e-40, 0.0], dtype=torch.float32)]  # subnormal
     out, _ = clip_update(u, ClipConfig(1e6, mode="normalize"))
@@ -147,6 +167,8 @@ def test_shape_mismatch_against_model():
         ({"clip_norm": -1.0}, "clip_norm"),
         ({"clip_norm": float("nan")}, "clip_norm"),
         ({"clip_norm": float("inf")}, "clip_norm"),
+        ({"clip_norm": 1e-13}, r"clip_norm must be a number in \[1e-12, 1e\+12\]"),
+        ({"clip_norm": 1e13}, "clip_norm"),
         ({"clip_norm": 1.0, "scheme": "layer"}, "scheme must be one of flat, uniform, dim"),
         ({"clip_norm": 1.0, "mode": "scale"}, "mode must be one of clip, normalize"),
     ],
@@ -163,7 +185,10 @@ def test_bad_config(kwargs, match):
 def updates(draw):
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     width = 32 if dtype == np.float32 else 64
-    scale = draw(st.sampled_from([1e-30, 1e-6, 1.0, 1e3, 1e30]))
+    scales = [1e-30, 1e-6, 1.0, 1e3, 1e30]
+    if dtype == np.float64:
+        scales += [1e-300, 1e290]  # near float64's limits; elements go up to 1e6
+    scale = draw(st.sampled_from(scales))
     tensors = []
     for _ in range(draw(st.integers(1, 5))):
         shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6))
@@ -174,7 +199,9 @@ def updates(draw):
     return tensors
 
 
-clip_norms = st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False)
+clip_norms = st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [1e-12, 1e12]
+)
 configs = st.builds(
     ClipConfig,
     clip_norm=clip_norms,
@@ -194,32 +221,35 @@ def test_clipped_norm_never_exceeds_bound(u, cfg):
         for t, b in zip(out, bounds, strict=True):
             assert norm64([t]) <= b * tol
     # the server's check accepts every honestly clipped update
-    assert norm_violation(out, cfg) is None
+    assert norm_violation(out, cfg, [t.shape for t in u]) is None
     assert stats.norm == pytest.approx(norm64(u), rel=1e-9)
+
+
+def unit(ts) -> np.ndarray:
+    v = np.concatenate([t.detach().reshape(-1).double().numpy() for t in ts])
+    m = np.abs(v).max()
+    return v if m == 0 else (v / m) / np.linalg.norm(v / m)
 
 
 @given(updates(), configs)
 def test_clip_preserves_direction_and_normalize_hits_bound(u, cfg):
     out, stats = clip_update(u, cfg)
-    bounds = (
-        expected_bounds([t.numel() for t in u], cfg.clip_norm, cfg.scheme)
-        if cfg.per_layer
-        else None
-    )
-    for i, (t, o) in enumerate(zip(u, out, strict=True)):
-        s = stats.scales[i]
-        assert s >= 0
-        assert torch.allclose(o.double(), t.double() * s, rtol=1e-6, atol=torch.finfo(t.dtype).tiny)
+    # flat: one common factor, so the whole update keeps its direction; per-layer: each tensor
+    groups = [(u, out)] if not cfg.per_layer else [([t], [o]) for t, o in zip(u, out, strict=True)]
+    for before, after in groups:
+        assert np.allclose(unit(after), unit(before), rtol=0, atol=1e-6)
         if cfg.mode == "clip":
-            assert s <= 1
+            assert norm64(after) <= norm64(before) * (1 + 1e-6)
     if cfg.mode == "normalize":
-        if bounds is None:
+        if not cfg.per_layer:
             if norm64(u) > 0:
                 assert norm64(out) == pytest.approx(cfg.clip_norm, rel=1e-6)
         else:
+            bounds = expected_bounds([t.numel() for t in u], cfg.clip_norm, cfg.scheme)
             for t, o, b in zip(u, out, bounds, strict=True):
                 expected = b if norm64([t]) > 0 else 0.0
                 assert norm64([o]) == pytest.approx(expected, rel=1e-6)
+    assert stats.norm_after == pytest.approx(norm64(out), rel=1e-5)
 
 
 @given(updates(), configs, st.floats(2 * CLIP_NORM_RTOL, 10.0))
@@ -229,16 +259,21 @@ def test_server_rejects_anything_above_the_tolerance(u, cfg, excess):
         return  # an all-zero update cannot be pushed over the bound by scaling
     # Scale in float64 so the test measures the check, not the rounding of the scaling.
     inflated = [t.double() * (1 + excess) for t in out]
-    reason = norm_violation(inflated, cfg)
+    reason = norm_violation(inflated, cfg, [t.shape for t in u])
     assert reason is not None and "bound" in reason
 
 
 def test_server_rejects_one_layer_over_its_bound_even_if_total_is_within():
     cfg = ClipConfig(2.0, scheme="uniform")  # C_h = 1 each for two layers
     u = [torch.tensor([1.5]), torch.tensor([0.1])]  # total 1.503 < 2, layer 0 > 1
-    assert "layer[0] has norm 1.5" in norm_violation(u, cfg)
-    assert norm_violation([torch.tensor([float("nan")])], cfg).endswith("rejected")
-    assert "shape" in norm_violation([torch.ones(2)], ClipConfig(1.0), reference=[(3,)])
+    assert "layer[0] has norm 1.5" in norm_violation(u, cfg, [(1,), (1,)])
+    assert norm_violation([torch.tensor([float("nan")])], cfg, [(1,)]).endswith("rejected")
+    # a small update shaped to be broadcast into a large parameter is not "within bounds"
+    assert "shape" in norm_violation([torch.tensor([0.99])], ClipConfig(1.0), [(1000,)])
+    sparse = torch.tensor([[0.0, 0.5]]).to_sparse()
+    assert "dense tensor" in norm_violation([sparse], ClipConfig(1.0), [(1, 2)])
+    huge = [torch.tensor([1.7e308, 1.7e308], dtype=torch.float64)]
+    assert "float64 range" in norm_violation(huge, ClipConfig(1.0), [(2,)])
 
 
 def test_tolerance_helpers():
