@@ -32,6 +32,13 @@ def test_pins():
     assert any(d.startswith("flwr[simulation]>=1.42,<1.43") for d in deps)
 
 
+def test_readme_python_example_runs(capsys):
+    text = (ROOT / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    exec(compile(code, "README.md", "exec"), {})
+    assert "EpsilonResult(epsilon=" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_make_demo_runs_the_main_job():
     res = subprocess.run(
