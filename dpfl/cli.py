@@ -361,26 +361,30 @@ def _print_budget(report: dict, target: float | None) -> None:
         z = plan["noise_multiplier"]
         extra = f" (sigma_DP = {plan['sigma_dp']:.4g} on the average)" if plan["sigma_dp"] else ""
         out.append(f"  noise:     z = {z:.6g}{extra}")
-        out.append("")
-        out.append(f"  {'accountant':<11}{'epsilon':>12}   note")
-        for row in report["accountants"]:
-            if "refused" in row:
-                out.append(f"  {row['accountant']:<11}{'refused':>12}   {row['refused']}")
-                continue
+        header = ["epsilon"]
+
+        def cells(row: dict) -> tuple[list[str], str]:
             note = row.get("note") or ""
             if row.get("optimal_order") is not None and not note:
                 note = f"optimal RDP order {row['optimal_order']:g}"
-            out.append(f"  {row['accountant']:<11}{_fmt_eps(row['epsilon']):>12}   {note}")
+            return [_fmt_eps(row["epsilon"])], note
     else:
         out.append(f"  target:    epsilon = {target:g}")
-        out.append("")
-        out.append(f"  {'accountant':<11}{'z':>12}{'sigma_DP':>12}   note")
-        for row in report["accountants"]:
-            if "refused" in row:
-                out.append(f"  {row['accountant']:<11}{'refused':>12}{'':>12}   {row['refused']}")
-                continue
+        header = ["z", "sigma_DP"]
+
+        def cells(row: dict) -> tuple[list[str], str]:
             sigma = f"{row['sigma_dp']:.4g}" if "sigma_dp" in row else "-"
-            out.append(f"  {row['accountant']:<11}{row['noise_multiplier']:>12.6g}{sigma:>12}")
+            return [f"{row['noise_multiplier']:.6g}", sigma], ""
+
+    out.append("")
+    out.append(f"  {'accountant':<11}" + "".join(f"{h:>12}" for h in header) + "   note")
+    for row in report["accountants"]:
+        if "refused" in row:
+            values, note = ["refused"] + [""] * (len(header) - 1), row["refused"]
+        else:
+            values, note = cells(row)
+        line = f"  {row['accountant']:<11}" + "".join(f"{v:>12}" for v in values) + f"   {note}"
+        out.append(line.rstrip())
     ext = report.get("extrapolation")
     if ext:
         keeps = ext["keeps"]
