@@ -411,11 +411,81 @@ def _print_budget(report: dict, target: float | None) -> None:
     print("\n".join(out))
 
 
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from dpfl.config import RunConfig
+
+    p = sub.add_parser(
+        "simulate",
+        help="train with DP-FedAvg in dpfl's in-process simulator",
+        description=(
+            "Run federated training with user-level DP in process. Every config key is a flag; "
+            "--config reads a TOML file of the same keys (flags override it)."
+        ),
+    )
+    p.add_argument("--config", help="TOML file of config keys")
+    p.add_argument(
+        "--run-dir",
+        default="runs/latest",
+        help="where metrics, summary and checkpoints go (default: runs/latest)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    keys = p.add_argument_group("config keys")
+    for key, default, doc in RunConfig.describe_defaults():
+        keys.add_argument(
+            f"--{key}", metavar="V", dest=f"key:{key}", help=f"{doc} (default: {default})"
+        )
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from dpfl.config import RunConfig
+    from dpfl.simulations.engine import simulate
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("key:") and v is not None}
+    try:
+        base = RunConfig.from_toml(args.config) if args.config else None
+        cfg = RunConfig.from_mapping(overrides, base)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    try:
+        summary = simulate(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
+    except ValueError as err:  # e.g. a target epsilon the calibration cannot reach
+        raise CliError(str(err)) from None
+    from dpfl.report import statement_lines
+
+    print("\n".join(statement_lines({"config": cfg.to_dict()}, summary)))
+    print(f"run folder: {args.run_dir} (dpfl report {args.run_dir} for plots)")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="privacy statement and plots of a finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dpfl.report import report
+
+    try:
+        lines, paths = report(args.run_dir, plots=not args.no_plots)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    print("\n".join(lines))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dpfl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dpfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_budget(sub)
+    _add_simulate(sub)
+    _add_report(sub)
     return parser
 
 

@@ -81,6 +81,17 @@ class NoiseSource:
             return "secure (seeded from the OS cryptographic source)"
         return f"INSECURE: fixed seed {self.seed}, reproducible noise (for experiments only)"
 
+    def get_state(self) -> torch.Tensor:
+        """The generator state, for checkpoints of reproducible runs only."""
+        if self.secure:
+            raise RuntimeError("a secure noise source never exports its state")
+        return self._generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        if self.secure:
+            raise RuntimeError("a secure noise source cannot be set to a saved state")
+        self._generator.set_state(state)
+
     def gaussian_like(self, t: torch.Tensor, std: float) -> torch.Tensor:
         """Independent N(0, std^2) noise with ``t``'s shape and dtype, on ``t``'s device."""
         noise = torch.randn(t.shape, generator=self._generator, dtype=t.dtype, device=self.device)

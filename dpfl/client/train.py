@@ -1,0 +1,158 @@
+"""One client's step: train locally from the global weights, return the (clipped) delta.
+
+:func:`local_update` is a pure function of (global weights, the client's data, the config, a
+seed): the model instance passed in is only a workspace whose weights are overwritten first, so
+one instance serves a whole cohort (the simulator) or one message (the Flower ClientApp), and a
+vectorised engine can later call the same maths for many clients at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dpfl.models.optimizers import OptimizerOptions, make_optimizer
+from dpfl.models.tasks import ClientData, Task
+from dpfl.privacy.clipping import ClipConfig, ClipStats, clip_update
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    epochs: int = 1
+    """Passes over the client's data (ignored when ``steps`` > 0)."""
+    steps: int = 0
+    """A fixed number of local steps instead of epochs (the paper: 10)."""
+    batch_size: int = 10
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    options: OptimizerOptions = OptimizerOptions()
+    grad_clip: float = 0.0
+    """Per-step clipping of the gradient norm (the paper: 1.0); 0 turns it off. This is an
+    optimisation aid, not a privacy mechanism: privacy comes from clipping the delta."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
+            raise ValueError(
+                f"local training needs epochs >= 1 or steps >= 1, got epochs={self.epochs}, "
+                f"steps={self.steps}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class LocalResult:
+    delta: Weights
+    """new - old for every trainable parameter, float32 (clipped when a ClipConfig was given)."""
+    num_examples: int
+    steps: int
+    train_loss: float
+    """Mean loss over the local steps: a non-private diagnostic."""
+    clip_stats: ClipStats | None
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def global_weights(model: nn.Module) -> Weights:
+    """A detached float32 copy of the trainable parameters: what the server federates."""
+    return {
+        n: p.detach().to(torch.float32).clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_weights(model: nn.Module, weights: Weights) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ValueError(f"weights for unknown parameters: {missing[:5]}")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+
+
+def _batches(n: int, cfg: LocalTrainConfig, generator: torch.Generator):
+    """Index batches: ``steps`` batches over reshuffled epochs, or ``epochs`` full passes."""
+    if n == 0:
+        return
+    if cfg.steps > 0:
+        done = 0
+        while done < cfg.steps:
+            perm = torch.randperm(n, generator=generator)
+            for start in range(0, n, cfg.batch_size):
+                yield perm[start : start + cfg.batch_size]
+                done += 1
+                if done == cfg.steps:
+                    return
+    else:
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, generator=generator)
+            for start in range(0, n, cfg.batch_size):
+                yield perm[start : start + cfg.batch_size]
+
+
+def local_update(
+    model: nn.Module,
+    task: Task,
+    weights: Weights,
+    data: ClientData,
+    cfg: LocalTrainConfig,
+    seed: int,
+    clip: ClipConfig | None = None,
+) -> LocalResult:
+    """Train ``model`` from ``weights`` on ``data`` and return the delta.
+
+    With ``clip`` the delta is clipped here, on the client, so an unclipped delta never leaves it.
+    The delta is computed and clipped in float32 whatever the model's precision.
+    """
+    load_weights(model, weights)
+    model.train()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.options)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    # Dropout and other randomness inside the model follow the seed, not the global RNG.
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        # Seed only the generators in use: torch.manual_seed would also touch every CUDA device.
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        for idx in _batches(len(data), cfg, generator):
+            batch = data.batch(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"local training diverged: loss {loss.item()}")
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+    delta = {
+        n: p.detach().to(torch.float32) - weights[n].to(device=device, dtype=torch.float32)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    stats = None
+    if clip is not None:
+        delta, stats = clip_update(delta, clip, reference={n: w.shape for n, w in weights.items()})
+    return LocalResult(
+        delta=delta,
+        num_examples=len(data),
+        steps=len(losses),
+        train_loss=float(sum(losses) / len(losses)) if losses else math.nan,
+        clip_stats=stats,
+    )

@@ -1,0 +1,301 @@
+"""The run configuration: one set of keys for the CLI, TOML files and Flower's run config.
+
+A key has one spelling everywhere: ``clip-norm`` is ``--clip-norm`` on the command line,
+``clip-norm = 0.5`` in a TOML file and in ``[tool.flwr.app.config]``. Values are scalars (str, int,
+float, bool) because Flower's run config holds only scalars. Unknown keys and bad values raise
+ValueError naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dpfl.models.optimizers import (
+    OPTIMIZERS,
+    SCHEDULES,
+    OptimizerOptions,
+    ScheduleOptions,
+)
+from dpfl.models.tasks import TASKS
+from dpfl.privacy.accounting import ACCOUNTANTS, default_delta
+from dpfl.privacy.clipping import CLIP_NORM_RANGE, MODES, SCHEMES, ClipConfig
+from dpfl.server.sampling import SAMPLINGS
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "clip_scheme": SCHEMES,
+    "clip_mode": MODES,
+    "clip_location": ("client", "server"),
+    "accountant": ACCOUNTANTS,
+    "sampling": SAMPLINGS,
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _doc(text: str) -> dict:
+    return {"doc": text}
+
+
+@dataclass
+class RunConfig:
+    # --- task and population
+    task: str = field(default="classification", metadata=_doc("learning task (registry name)"))
+    population: int = field(default=2000, metadata=_doc("number of users K"))
+    examples_per_user: int = field(default=50, metadata=_doc("synthetic task: examples per user"))
+    hidden: str = field(
+        default="64", metadata=_doc("synthetic task: MLP hidden sizes, e.g. '64,64'")
+    )
+    # --- rounds and cohorts
+    rounds: int = field(default=40, metadata=_doc("planned number of rounds T"))
+    cohort_size: float = field(
+        default=200, metadata=_doc("expected users per round S; q = S / population")
+    )
+    sampling: str = field(default="poisson", metadata=_doc("cohort sampling: poisson or fixed"))
+    # --- client
+    local_epochs: int = field(default=1, metadata=_doc("local passes over a user's data"))
+    local_steps: int = field(
+        default=0, metadata=_doc("fixed local steps instead of epochs (0: off)")
+    )
+    batch_size: int = field(default=10, metadata=_doc("local batch size"))
+    client_optimizer: str = field(default="sgd", metadata=_doc("local optimizer (registry name)"))
+    client_lr: float = field(default=0.1, metadata=_doc("local learning rate"))
+    client_momentum: float = field(default=0.0, metadata=_doc("local momentum (SGD-like)"))
+    client_grad_clip: float = field(
+        default=0.0, metadata=_doc("per-step gradient-norm clip in local training (0: off)")
+    )
+    # --- privacy
+    clip_norm: float = field(
+        default=0.5, metadata=_doc("L2 bound C on each user's delta (0: no clipping, no DP)")
+    )
+    clip_scheme: str = field(default="dim", metadata=_doc("flat, uniform or dim"))
+    clip_mode: str = field(default="clip", metadata=_doc("clip or normalize"))
+    clip_location: str = field(
+        default="client", metadata=_doc("client (default) or server (for comparison)")
+    )
+    noise_multiplier: float = field(
+        default=0.0, metadata=_doc("z: noise std on the sum in units of C (0 with target-epsilon)")
+    )
+    target_epsilon: float = field(
+        default=8.0, metadata=_doc("calibrate z for this epsilon over the planned rounds (0: off)")
+    )
+    delta: float = field(default=0.0, metadata=_doc("delta (0: a power of ten <= 0.1/population)"))
+    accountant: str = field(
+        default="rdp", metadata=_doc("accountant for the budget: rdp, prv, pld")
+    )
+    noise_seed: int = field(
+        default=-1, metadata=_doc("fixed noise seed: reproducible and INSECURE (-1: secure)")
+    )
+    # --- server
+    server_optimizer: str = field(default="lamb", metadata=_doc("server optimizer (registry name)"))
+    server_lr: float = field(default=0.01, metadata=_doc("server learning rate"))
+    server_momentum: float = field(default=0.0, metadata=_doc("server momentum (SGD, LARS)"))
+    server_beta1: float = field(default=0.9, metadata=_doc("server beta1 (Adam-like)"))
+    server_beta2: float = field(default=0.999, metadata=_doc("server beta2 (Adam-like)"))
+    server_eps: float = field(default=1e-6, metadata=_doc("server epsilon (Adam-like)"))
+    server_weight_decay: float = field(default=0.0, metadata=_doc("server weight decay"))
+    server_schedule: str = field(default="constant", metadata=_doc("learning-rate schedule"))
+    server_schedule_step_size: int = field(default=750, metadata=_doc("step schedule: period"))
+    server_schedule_gamma: float = field(default=0.6, metadata=_doc("step/exponential: factor"))
+    server_warmup_steps: int = field(default=0, metadata=_doc("linear warm-up rounds"))
+    # --- run
+    seed: int = field(default=0, metadata=_doc("seed for data, cohorts and local training"))
+    eval_every: int = field(default=1, metadata=_doc("evaluate every N rounds"))
+    checkpoint_every: int = field(default=0, metadata=_doc("checkpoint every N rounds (0: off)"))
+    diagnostics: bool = field(
+        default=True, metadata=_doc("record per-client non-private diagnostics")
+    )
+    device: str = field(default="auto", metadata=_doc("auto, cpu or cuda"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- derived values
+    @property
+    def sample_rate(self) -> float:
+        return self.cohort_size / self.population
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.clip_norm > 0
+
+    @property
+    def resolved_delta(self) -> float:
+        return self.delta if self.delta > 0 else default_delta(self.population)
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    def clip_config(self) -> ClipConfig | None:
+        if self.clip_norm <= 0:
+            return None
+        return ClipConfig(self.clip_norm, self.clip_scheme, self.clip_mode)
+
+    def client_options(self) -> OptimizerOptions:
+        return OptimizerOptions(momentum=self.client_momentum)
+
+    def server_options(self) -> OptimizerOptions:
+        return OptimizerOptions(
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            eps=self.server_eps,
+            weight_decay=self.server_weight_decay,
+        )
+
+    def schedule_options(self) -> ScheduleOptions:
+        return ScheduleOptions(
+            step_size=self.server_schedule_step_size,
+            gamma=self.server_schedule_gamma,
+            warmup_steps=self.server_warmup_steps,
+        )
+
+    # --- validation
+    def validate(self) -> None:
+        def bad(name: str, accepted: str) -> ValueError:
+            return ValueError(
+                f"config key {key_of(name)} = {getattr(self, name)!r}: expected {accepted}"
+            )
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise bad(f.name, "true or false")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad(f.name, "an integer")
+            if f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise bad(f.name, "a number")
+                if not math.isfinite(value):
+                    raise bad(f.name, "a finite number")
+        for name in ("population", "rounds", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        for name in ("local_epochs", "local_steps", "checkpoint_every", "server_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0")
+        if self.local_epochs == 0 and self.local_steps == 0:
+            raise bad("local_epochs", "an integer >= 1 when local-steps is 0")
+        if self.examples_per_user < 1:
+            raise bad("examples_per_user", "an integer >= 1")
+        if not 0 < self.cohort_size <= self.population:
+            raise ValueError(
+                f"config key cohort-size = {self.cohort_size!r}: expected a number in "
+                f"(0, population = {self.population}]"
+            )
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise bad(name, "one of " + ", ".join(choices))
+        for name, registry in (
+            ("task", TASKS),
+            ("client_optimizer", OPTIMIZERS),
+            ("server_optimizer", OPTIMIZERS),
+            ("server_schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in registry:
+                raise bad(name, "one of " + ", ".join(sorted(registry)))
+        for name in ("client_lr", "server_lr"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "a number > 0")
+        for name in (
+            "client_momentum",
+            "client_grad_clip",
+            "noise_multiplier",
+            "target_epsilon",
+            "server_momentum",
+            "server_weight_decay",
+        ):
+            if getattr(self, name) < 0:
+                raise bad(name, "a number >= 0")
+        if self.clip_norm != 0 and not CLIP_NORM_RANGE[0] <= self.clip_norm <= CLIP_NORM_RANGE[1]:
+            raise bad(
+                "clip_norm",
+                f"0 (off) or a number in [{CLIP_NORM_RANGE[0]:g}, {CLIP_NORM_RANGE[1]:g}]",
+            )
+        if not 0 <= self.delta < 1:
+            raise bad("delta", "0 (automatic) or a number in (0, 1)")
+        if self.noise_seed < -1:
+            raise bad("noise_seed", "-1 (secure) or a seed >= 0")
+        try:
+            sizes = self.hidden_sizes
+        except ValueError:
+            raise bad("hidden", "comma-separated layer sizes such as '64,64'") from None
+        if any(h < 1 for h in sizes):
+            raise bad("hidden", "layer sizes >= 1")
+        if self.target_epsilon > 0 and self.clip_norm == 0:
+            raise ValueError(
+                "config key target-epsilon needs clipping: set clip-norm > 0 or target-epsilon = 0"
+            )
+        if self.target_epsilon > 0 and self.sampling != "poisson":
+            raise ValueError(
+                "config key target-epsilon needs sampling = poisson: the accountants do not "
+                "cover fixed-size cohorts"
+            )
+
+    # --- conversion
+    def to_dict(self) -> dict[str, Any]:
+        return {key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """``base`` (default: the defaults) updated with ``values`` (hyphenated keys)."""
+        current = dataclasses.asdict(base) if base is not None else {}
+        known = {key_of(f.name): f for f in fields(cls)}
+        for key, value in values.items():
+            f = known.get(key)
+            if f is None:
+                raise ValueError(
+                    f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}"
+                )
+            current[f.name] = _coerce(key, f.type, value)
+        return cls(**current)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+        return cls.from_mapping(data, base)
+
+    @classmethod
+    def describe_defaults(cls) -> list[tuple[str, Any, str]]:
+        """(key, default, description) of every config key, for --help and docs."""
+        return [(key_of(f.name), f.default, f.metadata.get("doc", "")) for f in fields(cls)]
+
+
+def key_of(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, type_name: str, value: Any) -> Any:
+    """Strings from the command line become the field's type; other values are checked later."""
+    if not isinstance(value, str) or type_name == "str":
+        if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    text = value.strip()
+    try:
+        if type_name == "int":
+            return int(text.replace("_", "").replace(",", ""))
+        if type_name == "float":
+            return float(text)
+        if type_name == "bool":
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+    except ValueError:
+        accepted = {"int": "an integer", "float": "a number", "bool": "true or false"}[type_name]
+        raise ValueError(f"config key {key} = {value!r}: expected {accepted}") from None
+    return value

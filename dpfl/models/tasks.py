@@ -1,0 +1,108 @@
+"""Learning tasks by name: a model, its loss on a batch, and its evaluation metric.
+
+A task is what the client step and the server's evaluation need to know about a model, and no
+more: ``build_model()``, ``loss(model, batch)`` and ``evaluate(model, data)``. The ASR task of
+issue [3/8] and the localisation task of [4/8] register here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class ClientData(Protocol):
+    """One user's examples: a length and a way to gather a batch by indices."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """Examples stored as tensors with a common first dimension (e.g. ``x`` and ``y``)."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        sizes = {k: len(v) for k, v in self.tensors.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"tensors of one dataset must have the same length, got {sizes}")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values()))) if self.tensors else 0
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[indices] for k, v in self.tensors.items()}
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """In order, for evaluation."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
+
+
+class Task(Protocol):
+    name: str
+    metric: str
+    """Name of the main evaluation metric (e.g. ``accuracy``)."""
+    higher_is_better: bool
+
+    def build_model(self) -> nn.Module: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, data: ClientData) -> dict[str, float]: ...
+
+
+class MLP(nn.Sequential):
+    """A multi-layer perceptron with ReLU between layers, e.g. ``MLP([32, 64, 10])``."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        if len(sizes) < 2:
+            raise ValueError(f"an MLP needs at least input and output sizes, got {sizes}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+
+@dataclass
+class ClassificationTask:
+    """Softmax classification with cross-entropy; metric: accuracy."""
+
+    features: int = 32
+    classes: int = 10
+    hidden: tuple[int, ...] = (64,)
+    name: str = "classification"
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    def build_model(self) -> nn.Module:
+        return MLP([self.features, *self.hidden, self.classes])
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TensorData) -> dict[str, float]:
+        model.eval()
+        total, correct, loss_sum = 0, 0, 0.0
+        for batch in data.batches(4096):
+            logits = model(batch["x"])
+            loss_sum += nn.functional.cross_entropy(logits, batch["y"], reduction="sum").item()
+            correct += (logits.argmax(dim=1) == batch["y"]).sum().item()
+            total += len(batch["y"])
+        model.train()
+        if total == 0:
+            raise ValueError("cannot evaluate on an empty dataset")
+        return {"accuracy": correct / total, "loss": loss_sum / total}
+
+
+TASKS: dict[str, Callable[..., Task]] = {"classification": ClassificationTask}

@@ -1,0 +1,132 @@
+"""``dpfl report RUN_DIR``: the privacy statement of a finished run, and plots of it.
+
+Reads the run folder written by the simulator or the Flower ServerApp (``config.json``,
+``metrics.jsonl``, ``summary.json``) and prints what was guaranteed, under which assumptions, plus
+the paper's extrapolation of epsilon to larger populations; writes ``metric.png`` and
+``epsilon.png`` next to the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dpfl.privacy.accounting import extrapolate, scaled_settings
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, list[dict], dict]:
+    run = Path(run_dir)
+    try:
+        config = json.loads((run / "config.json").read_text())
+        summary = json.loads((run / "summary.json").read_text())
+        metrics = [
+            json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line
+        ]
+    except FileNotFoundError as err:
+        raise ValueError(f"{run} is not a finished dpfl run: {err.filename} is missing") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{run}: unreadable run file: {err}") from None
+    return config, metrics, summary
+
+
+def _num(v: Any) -> float:
+    """Run files store inf as the string "inf" (strict JSON); float() reads both."""
+    return float(v)
+
+
+def statement_lines(
+    config: dict, summary: dict, scales: tuple[float, ...] = (10, 100, 1000)
+) -> list[str]:
+    p = summary["privacy"]
+    lines = [f"run: {summary['rounds_run']} of {p['rounds_planned']} rounds"]
+    metric = summary["metric"]
+    if summary.get("initial") and summary.get("final"):
+        lines.append(
+            f"{metric}: {summary['initial'][metric]:.4f} before training, "
+            f"{summary['final'][metric]:.4f} after"
+        )
+    if not p["dp"]:
+        lines.append(p["text"])
+        return lines
+    lines += [
+        f"adjacency:  {p['adjacency']} (user-level DP)",
+        f"sampling:   {p['sampling']}, q = {p['sample_rate']:.6g} "
+        f"(expected cohort {p['expected_cohort']:g} of {p['population']:,} users)",
+        f"mechanism:  clip {p['clip_scheme']}/{p['clip_mode']} C = {p['clip_norm']:g} on the "
+        f"{p['clip_location']}; Gaussian noise z = {p['noise_multiplier']:.4g} on the sum "
+        f"(sigma_DP = {p['sigma_dp']:.3g} on the average)",
+        f"noise:      {p['noise_source']}",
+        f"delta:      {p['delta']:g}",
+    ]
+    if "epsilon" not in p:
+        lines.append(p["text"])
+        return lines
+    for name, r in p["epsilon"].items():
+        used = r["accountant"]
+        how = f"under {used}" if used == name else f"under {used} ({name} requested)"
+        note = f"; {r['note']}" if r.get("note") else ""
+        lines.append(f"epsilon:    {_num(r['epsilon']):.4g} {how}{note}")
+    rounds = summary["rounds_run"]
+    if rounds > 0:
+        settings = scaled_settings(p["expected_cohort"], p["population"], scales)
+        rows = extrapolate(p["sigma_dp"], settings, rounds, p["delta"])
+        lines.append(
+            f"extrapolated (rdp; same sigma_DP, T = {rounds}, delta; cohort and population scaled):"
+        )
+        for k, row in zip(scales, rows, strict=True):
+            warn = (
+                "  [delta >= 1/population: choose a smaller delta]"
+                if (p["delta"] * row.population >= 1)
+                else ""
+            )
+            lines.append(
+                f"  x{k:g}: cohort {row.cohort:,.0f} of {row.population:,.0f} users -> "
+                f"z = {row.noise_multiplier:.4g}, epsilon = {row.result.epsilon:.4g}{warn}"
+            )
+    return lines
+
+
+def write_plots(run_dir: str | Path, metrics: list[dict], metric: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run_dir)
+    out = []
+    key = f"eval_{metric}"
+    points = [(m["round"], m[key]) for m in metrics if key in m]
+    if points:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} of the global model")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run / "metric.png", dpi=100)
+        plt.close(fig)
+        out.append(run / "metric.png")
+    eps = [(m["round"], _num(m["epsilon"])) for m in metrics if "epsilon" in m]
+    eps = [(r, e) for r, e in eps if math.isfinite(e)]
+    if eps:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*eps, strict=True), marker="o", markersize=3, color="tab:red")
+        ax.set_xlabel("round")
+        ax.set_ylabel("epsilon (rdp)")
+        ax.set_title("privacy spent")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run / "epsilon.png", dpi=100)
+        plt.close(fig)
+        out.append(run / "epsilon.png")
+    return out
+
+
+def report(run_dir: str | Path, plots: bool = True) -> tuple[list[str], list[Path]]:
+    config, metrics, summary = load_run(run_dir)
+    lines = statement_lines(config, summary)
+    paths = write_plots(run_dir, metrics, summary["metric"]) if plots else []
+    return lines, paths

@@ -1,0 +1,273 @@
+"""The server's step of one round: validate, sum, noise, average, optimizer step, account.
+
+Framework-free: the Flower strategy and the in-process simulator both drive this class, so the
+ways of running dpfl cannot disagree about the maths or the privacy accounting.
+
+    state = ServerState.create(weights, spec, rounds)
+    agg = state.begin_round()
+    for update in replies:        # each a name -> tensor delta
+        agg.add(update)           # validated; bad updates are rejected with a reason
+    metrics = state.finish_round(agg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpfl.models.optimizers import (
+    OptimizerOptions,
+    ScheduleOptions,
+    make_optimizer,
+    make_schedule,
+)
+from dpfl.privacy.accounting import PrivacyLedger
+from dpfl.privacy.clipping import ClipConfig, clip_update, norm_violation
+from dpfl.privacy.mechanisms import GaussianMechanism, NoiseSource
+from dpfl.privacy.updates import l2_norm
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What the server needs to know to run rounds (a subset of the run configuration)."""
+
+    sample_rate: float
+    population: int
+    clip: ClipConfig | None
+    clip_location: str = "client"
+    noise_multiplier: float = 0.0
+    delta: float = 1e-6
+    accountant: str = "rdp"
+    sampling: str = "poisson"
+    optimizer: str = "sgd"
+    lr: float = 1.0
+    options: OptimizerOptions = OptimizerOptions()
+    schedule: str = "constant"
+    schedule_options: ScheduleOptions = ScheduleOptions()
+    noise_seed: int | None = None
+
+    @property
+    def expected_cohort(self) -> float:
+        return self.sample_rate * self.population
+
+    @property
+    def dp(self) -> bool:
+        return self.clip is not None
+
+    @property
+    def accounted(self) -> bool:
+        """Whether an epsilon can be reported: DP on and a sampling the accountants cover."""
+        return self.dp and self.sampling == "poisson"
+
+
+@dataclass
+class RoundAggregator:
+    """Validates and sums the updates of one round; keeps only the running sum in memory."""
+
+    shapes: dict[str, torch.Size]
+    spec: ServerSpec
+    total: Weights | None = None
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    clipped: int = 0
+    norms: list[float] = field(default_factory=list)
+
+    def check(self, update: Any) -> str | None:
+        """None when ``update`` may enter the sum, else the reason it may not."""
+        if not isinstance(update, dict):
+            return f"an update must be a name->tensor mapping, got {type(update).__name__}"
+        names, expected = set(update), set(self.shapes)
+        if names != expected:
+            return (
+                f"layers do not match the model: missing {sorted(expected - names)[:3]}, "
+                f"unexpected {sorted(names - expected)[:3]}"
+            )
+        for name, t in update.items():
+            if not isinstance(t, torch.Tensor):
+                return f"{name} is not a tensor"
+            if t.dtype != torch.float32:
+                return f"{name} has dtype {t.dtype}, expected torch.float32"
+            if t.shape != self.shapes[name]:
+                return f"{name} has shape {tuple(t.shape)}, expected {tuple(self.shapes[name])}"
+        if self.spec.dp and self.spec.clip_location == "client":
+            # the client promised a clipped update: hold it to the bound (shared tolerance)
+            return norm_violation(update, self.spec.clip, self.shapes)
+        try:
+            for name, t in update.items():
+                l2_norm(t, name)  # finite values
+        except ValueError as err:
+            return str(err)
+        return None
+
+    def add(self, update: Any) -> str | None:
+        """Add one client's delta; returns the rejection reason, or None when accepted."""
+        reason = self.check(update)
+        if reason is not None:
+            self.rejected[reason.split(":")[0][:80]] += 1
+            return reason
+        if self.spec.dp and self.spec.clip_location == "server":
+            update, stats = clip_update(update, self.spec.clip, self.shapes)
+            self.clipped += int(stats.clipped)
+            self.norms.append(stats.norm)
+        with torch.no_grad():
+            if self.total is None:
+                self.total = {n: t.detach().clone() for n, t in update.items()}
+            else:
+                for n, t in update.items():
+                    self.total[n].add_(t)
+        self.accepted += 1
+        return None
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+class ServerState:
+    """Global weights, server optimizer and schedule, privacy ledger, round counter."""
+
+    def __init__(self, weights: Weights, spec: ServerSpec, total_rounds: int) -> None:
+        self.spec = spec
+        self.total_rounds = total_rounds
+        self.params = {
+            n: torch.nn.Parameter(w.detach().clone().float()) for n, w in weights.items()
+        }
+        self.optimizer = make_optimizer(
+            spec.optimizer, list(self.params.values()), spec.lr, spec.options
+        )
+        self.schedule = make_schedule(
+            spec.schedule, self.optimizer, total_rounds, spec.schedule_options
+        )
+        self.ledger = PrivacyLedger()
+        self.round = 0
+        self.noise = NoiseSource(seed=spec.noise_seed)
+        self.mechanism = (
+            GaussianMechanism(spec.noise_multiplier, spec.clip.clip_norm, self.noise)
+            if spec.dp
+            else None
+        )
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        return {n: p.shape for n, p in self.params.items()}
+
+    def weights(self) -> Weights:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def begin_round(self) -> RoundAggregator:
+        return RoundAggregator(self.shapes, self.spec)
+
+    def finish_round(self, agg: RoundAggregator) -> dict[str, float]:
+        """Noise, average, optimizer step and accounting for the round just collected.
+
+        Under DP the noisy sum is divided by the expected cohort size q*K and the round is
+        recorded in the ledger at the scheduled q, whatever number of clients replied. Without DP
+        the sum is divided by the number of accepted replies (plain FedAvg).
+        """
+        spec = self.spec
+        self.round += 1
+        total = agg.total
+        if total is None:  # nobody replied (or all were rejected): the sum is zero
+            total = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        if spec.dp:
+            average = self.mechanism.noisy_mean(total, spec.expected_cohort)
+            self.ledger.record(spec.noise_multiplier, spec.sample_rate)
+        elif agg.accepted > 0:
+            average = {n: t / agg.accepted for n, t in total.items()}
+        else:
+            average = None
+        if average is not None:
+            self.optimizer.zero_grad(set_to_none=False)
+            for n, p in self.params.items():
+                # the pseudo-gradient: minus the average delta
+                p.grad = -average[n].to(p.dtype)
+            self.optimizer.step()
+        self.schedule.step()
+        metrics: dict[str, float] = {
+            "round": self.round,
+            "replies": agg.accepted + agg.num_rejected,
+            "accepted": agg.accepted,
+            "rejected": agg.num_rejected,
+            "noise_std_sum": self.mechanism.std if spec.dp else 0.0,
+            "noise_std_average": (self.mechanism.std / spec.expected_cohort) if spec.dp else 0.0,
+            "server_lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if average is not None:
+            metrics["update_norm"] = math.sqrt(
+                sum(float(a.double().pow(2).sum()) for a in average.values())
+            )
+        if spec.accounted:
+            metrics["epsilon"] = self.ledger.epsilon(spec.delta, "rdp").epsilon
+        return metrics
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "round": self.round,
+            "weights": self.weights(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "ledger": self.ledger.to_dict(),
+            "noise_secure": self.noise.secure,
+        }
+        if not self.noise.secure:
+            # Reproducible mode only: the noise state lets a resumed run match an uninterrupted
+            # one. In secure mode it is never written to disk.
+            state["noise_generator"] = self.noise.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for n, w in state["weights"].items():
+                self.params[n].copy_(w)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.ledger = PrivacyLedger.from_dict(state["ledger"])
+        self.round = int(state["round"])
+        if not self.noise.secure:
+            if "noise_generator" not in state:
+                raise ValueError("the checkpoint was written in secure mode: it has no noise state")
+            self.noise.set_state(state["noise_generator"])
+
+
+# --- checkpoint files with a checksum ---------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` with torch.save plus a SHA-256 of the bytes, atomically."""
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    Path(str(path) + ".sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint after verifying its checksum; a corrupt or truncated file is an error."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        expected = Path(str(path) + ".sha256").read_text().strip()
+    except FileNotFoundError as err:
+        raise ValueError(f"checkpoint {path}: {err.strerror}: {err.filename}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ValueError(
+            f"checkpoint {path} is corrupt or truncated (sha256 {actual[:12]}..., "
+            f"expected {expected[:12]}...); refusing to load it"
+        )
+    return torch.load(io.BytesIO(data), weights_only=True)
