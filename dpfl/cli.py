@@ -424,11 +424,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="TOML file of config keys")
     p.add_argument(
-        "--run-dir",
-        default="runs/latest",
-        help="where metrics, summary and checkpoints go (default: runs/latest)",
+        "--resume", action="store_true", help="continue from the run folder's checkpoint"
     )
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     keys = p.add_argument_group("config keys")
     for key, default, doc in RunConfig.describe_defaults():
@@ -449,13 +446,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CliError(str(err)) from None
     try:
-        summary = simulate(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
+        summary = simulate(cfg, resume=args.resume, progress=not args.quiet)
     except ValueError as err:  # e.g. a target epsilon the calibration cannot reach
         raise CliError(str(err)) from None
     from dpfl.report import statement_lines
 
     print("\n".join(statement_lines({"config": cfg.to_dict()}, summary)))
-    print(f"run folder: {args.run_dir} (dpfl report {args.run_dir} for plots)")
+    print(f"run folder: {cfg.run_dir} (dpfl report {cfg.run_dir} for plots)")
     return 0
 
 

@@ -110,6 +110,12 @@ class RunConfig:
         default=True, metadata=_doc("record per-client non-private diagnostics")
     )
     device: str = field(default="auto", metadata=_doc("auto, cpu or cuda"))
+    run_dir: str = field(
+        default="runs/latest", metadata=_doc("folder for metrics, summary and checkpoints")
+    )
+    round_timeout: float = field(
+        default=600.0, metadata=_doc("Flower: seconds to wait for a round's replies")
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -199,7 +205,9 @@ class RunConfig:
         ):
             if getattr(self, name) not in registry:
                 raise bad(name, "one of " + ", ".join(sorted(registry)))
-        for name in ("client_lr", "server_lr"):
+        if not self.run_dir.strip():
+            raise bad("run_dir", "a folder path")
+        for name in ("client_lr", "server_lr", "round_timeout"):
             if getattr(self, name) <= 0:
                 raise bad(name, "a number > 0")
         for name in (

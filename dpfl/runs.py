@@ -8,16 +8,19 @@ whichever way it was started.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from dpfl.client.train import LocalTrainConfig
+from dpfl.client.train import LocalTrainConfig, Weights, global_weights, load_weights
 from dpfl.config import RunConfig
 from dpfl.models.tasks import TASKS, ClassificationTask, Task
 from dpfl.privacy.accounting import (
@@ -27,8 +30,23 @@ from dpfl.privacy.accounting import (
     calibrate_noise_multiplier,
     epsilon_for_segments,
 )
-from dpfl.server.round import ServerSpec
+from dpfl.server.round import (
+    RoundAggregator,
+    ServerSpec,
+    ServerState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dpfl.server.sampling import sample_cohort
 from dpfl.simulations.data import FederatedDataset, SyntheticClassification
+
+log = logging.getLogger(__name__)
+
+
+def client_seed(seed: int, round_number: int, user: int) -> int:
+    """The local-training seed of one user in one round (the same in every way of running)."""
+    seq = np.random.SeedSequence([int(seed), 11, int(round_number), int(user)])
+    return int(seq.generate_state(1)[0])
 
 
 def build_task(cfg: RunConfig) -> Task:
@@ -196,6 +214,168 @@ class RunWriter:
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.dir / "summary.json").write_text(json.dumps(_json_value(summary), indent=2) + "\n")
 
+    def write_model(self, weights: dict[str, torch.Tensor]) -> None:
+        """The final global model (trainable parameters), readable with weights_only=True."""
+        torch.save(weights, self.dir / "model.pt")
+
     @property
     def checkpoint_path(self) -> Path:
         return self.dir / "checkpoint.pt"
+
+
+# Collects one round's updates into the aggregator; returns extra metrics for the round.
+Collect = Callable[[int, np.ndarray, Weights, RoundAggregator], dict[str, Any]]
+
+
+class FederatedRun:
+    """The loop every way of running shares: budget check, cohort, collect, server step,
+    evaluation, metrics, checkpoints, summary. Only ``collect`` differs: in process (the
+    simulator) or through Flower messages (the strategy)."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.started = time.perf_counter()
+        self.cfg = cfg
+        self.writer = RunWriter(cfg.run_dir, resume=resume)
+        torch.manual_seed(cfg.seed)  # the initial model
+        self.device = pick_device(cfg)
+        self.task = build_task(cfg)
+        self.dataset = build_dataset(cfg)
+        self.model = self.task.build_model().to(self.device)
+        self.test_data = self.dataset.test_data()
+        self.noise = resolve_noise(cfg)
+        self.spec = server_spec(cfg, self.noise)
+        self.state = ServerState(global_weights(self.model), self.spec, cfg.rounds)
+        if resume:
+            ckpt = load_checkpoint(self.writer.checkpoint_path)
+            if ckpt["config"] != cfg.to_dict():
+                raise ValueError("the run folder's checkpoint was written with a different config")
+            self.state.load_state_dict(ckpt["server"])
+            self.writer.truncate_after(self.state.round)
+            log.info("resumed from round %d", self.state.round)
+        self.progress = progress
+        self.writer.write_config(
+            cfg,
+            {
+                "noise_multiplier": self.noise.noise_multiplier,
+                "noise_calibrated": self.noise.calibrated,
+                "delta": self.spec.delta,
+                "device": str(self.device),
+            },
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        load_weights(self.model, self.state.weights())
+        return self.task.evaluate(self.model, self.test_data)
+
+    def _over_budget(self) -> bool:
+        cfg, spec = self.cfg, self.spec
+        if not (cfg.target_epsilon > 0 and spec.accounted):
+            return False
+        ahead = self.state.ledger.epsilon_after(
+            spec.noise_multiplier, spec.sample_rate, 1, spec.delta, cfg.accountant
+        )
+        if ahead.epsilon <= cfg.target_epsilon:
+            return False
+        log.warning(
+            "stopping before round %d: it would bring epsilon to %.4g > target %.4g",
+            self.state.round + 1,
+            ahead.epsilon,
+            cfg.target_epsilon,
+        )
+        return True
+
+    def run(self, collect: Collect, *, stop_after_round: int | None = None) -> dict[str, Any]:
+        """Run the remaining rounds; ``stop_after_round`` ends early, as if the process stopped."""
+        cfg, state = self.cfg, self.state
+        initial = self.evaluate() if state.round == 0 else None
+        if initial is not None:
+            self.writer.append({"round": 0, **{f"eval_{k}": v for k, v in initial.items()}})
+        last_eval: dict[str, float] = initial or {}
+        stopped_for_budget = False
+        round_times: list[float] = []
+        bar = _Progress(self.progress, cfg.rounds, state.round)
+        try:
+            while state.round < cfg.rounds:
+                if stop_after_round is not None and state.round >= stop_after_round:
+                    break
+                if self._over_budget():
+                    stopped_for_budget = True
+                    break
+                t0 = time.perf_counter()
+                round_number = state.round + 1
+                cohort = sample_cohort(
+                    cfg.population, cfg.sample_rate, cfg.seed, round_number, cfg.sampling
+                )
+                agg = state.begin_round()
+                extra = collect(round_number, cohort, state.weights(), agg)
+                metrics = state.finish_round(agg)
+                metrics["cohort"] = len(cohort)
+                metrics.update(extra)
+                if cfg.diagnostics and agg.norms:  # server-side clipping stats
+                    metrics.setdefault("diag_update_norm_mean", float(np.mean(agg.norms)))
+                    metrics.setdefault("diag_fraction_clipped", agg.clipped / len(agg.norms))
+                if round_number % cfg.eval_every == 0 or round_number == cfg.rounds:
+                    last_eval = self.evaluate()
+                    metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
+                round_times.append(time.perf_counter() - t0)
+                metrics["seconds"] = round_times[-1]
+                self.writer.append(metrics)
+                if cfg.checkpoint_every and round_number % cfg.checkpoint_every == 0:
+                    save_checkpoint(
+                        self.writer.checkpoint_path,
+                        {"config": cfg.to_dict(), "server": state.state_dict()},
+                    )
+                bar.update(metrics, self.task.metric)
+        finally:
+            bar.close()
+        statement = privacy_statement(
+            cfg, self.spec, state.ledger.segments, state.noise.label, state.round
+        )
+        summary = {
+            "rounds_run": state.round,
+            "stopped_for_budget": stopped_for_budget,
+            "metric": self.task.metric,
+            "initial": initial,
+            "final": last_eval,
+            "privacy": statement,
+            "median_round_seconds": float(np.median(round_times)) if round_times else None,
+            "wall_seconds": time.perf_counter() - self.started,
+            "device": str(self.device),
+            "diagnostics_note": "diag_* metrics are per-client statistics NOT covered by the DP "
+            "guarantee (non-private diagnostics)",
+        }
+        self.writer.write_summary(summary)
+        self.writer.write_model(state.weights())
+        return summary
+
+
+class _Progress:
+    """A rich progress bar over rounds (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.bar = Progress(
+                TextColumn("rounds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
+            self.task = self.bar.add_task("rounds", total=total, completed=done, info="")
+            self.bar.start()
+
+    def update(self, metrics: dict[str, Any], metric: str) -> None:
+        if self.bar is None:
+            return
+        parts = []
+        if f"eval_{metric}" in metrics:
+            parts.append(f"{metric} {metrics[f'eval_{metric}']:.4f}")
+        if "epsilon" in metrics:
+            parts.append(f"eps {metrics['epsilon']:.3g}")
+        self.bar.update(self.task, advance=1, info="  ".join(parts))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -109,11 +109,15 @@ class RoundAggregator:
             return str(err)
         return None
 
+    def reject(self, reason: str) -> None:
+        """Count an update that never reached :meth:`add` (e.g. unreadable), with its reason."""
+        self.rejected[reason.split(":")[0][:80]] += 1
+
     def add(self, update: Any) -> str | None:
         """Add one client's delta; returns the rejection reason, or None when accepted."""
         reason = self.check(update)
         if reason is not None:
-            self.rejected[reason.split(":")[0][:80]] += 1
+            self.reject(reason)
             return reason
         if self.spec.dp and self.spec.clip_location == "server":
             update, stats = clip_update(update, self.spec.clip, self.shapes)

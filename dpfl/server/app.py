@@ -1,0 +1,33 @@
+"""dpfl's Flower ServerApp: ``flwr run .`` (simulation or deployment) runs this.
+
+The run configuration is Flower's run config (``[tool.flwr.app.config]`` in pyproject.toml,
+overridden with ``flwr run . <federation> --run-config "key=value ..."``); the keys are the same as
+``dpfl simulate``'s. Results go to the ``run-dir`` folder (give an absolute path: the ServerApp
+runs in its own process on the SuperLink's machine).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from dpfl.config import RunConfig
+from dpfl.server.strategy import DPFedAvg, discover_users
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logger = logging.getLogger("dpfl")
+    if not logger.handlers:  # dpfl's own messages, without turning on every library's INFO
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
+    cfg = RunConfig.from_mapping(dict(context.run_config))
+    user_nodes = discover_users(grid, expected=cfg.population, timeout=cfg.round_timeout)
+    if not user_nodes:
+        raise RuntimeError("no node answered: nothing to train on")
+    strategy = DPFedAvg(cfg, user_nodes)
+    strategy.start(grid)
