@@ -78,10 +78,15 @@ class RunConfig:
         default="client", metadata=_doc("client (default) or server (for comparison)")
     )
     noise_multiplier: float = field(
-        default=0.0, metadata=_doc("z: noise std on the sum in units of C (0 with target-epsilon)")
+        default=0.0,
+        metadata=_doc("z: noise std on the sum in units of C (0: calibrate for target-epsilon)"),
     )
     target_epsilon: float = field(
-        default=8.0, metadata=_doc("calibrate z for this epsilon over the planned rounds (0: off)")
+        default=8.0,
+        metadata=_doc(
+            "budget: calibrate z for it (if noise-multiplier = 0) and stop before a "
+            "round would exceed it (0: off)"
+        ),
     )
     delta: float = field(default=0.0, metadata=_doc("delta (0: a power of ten <= 0.1/population)"))
     accountant: str = field(
@@ -92,7 +97,7 @@ class RunConfig:
     )
     # --- server
     server_optimizer: str = field(default="lamb", metadata=_doc("server optimizer (registry name)"))
-    server_lr: float = field(default=0.01, metadata=_doc("server learning rate"))
+    server_lr: float = field(default=0.05, metadata=_doc("server learning rate"))
     server_momentum: float = field(default=0.0, metadata=_doc("server momentum (SGD, LARS)"))
     server_beta1: float = field(default=0.9, metadata=_doc("server beta1 (Adam-like)"))
     server_beta2: float = field(default=0.999, metadata=_doc("server beta2 (Adam-like)"))

@@ -91,10 +91,12 @@ class NoisePlan:
 
 
 def resolve_noise(cfg: RunConfig) -> NoisePlan:
-    """z from the config: calibrated for target-epsilon, or as given."""
+    """z from the config: as given, or (noise-multiplier = 0 with a target-epsilon) calibrated
+    so the planned rounds spend exactly the target. Either way a run with a target stops before
+    a round that would exceed it."""
     if not cfg.dp_enabled:
         return NoisePlan(0.0, False)
-    if cfg.target_epsilon > 0:
+    if cfg.target_epsilon > 0 and cfg.noise_multiplier == 0:
         z = calibrate_noise_multiplier(
             cfg.target_epsilon, cfg.resolved_delta, cfg.sample_rate, cfg.rounds, cfg.accountant
         )
@@ -195,16 +197,15 @@ class RunWriter:
         data = {"config": cfg.to_dict(), **extra, "machine": platform.platform()}
         (self.dir / "config.json").write_text(json.dumps(_json_value(data), indent=2) + "\n")
 
-    def truncate_after(self, round_number: int) -> None:
-        """On resume: drop metric lines of rounds after the checkpoint (they will be re-run)."""
+    def truncate_after(self, round_number: int) -> int:
+        """On resume: drop metric lines of rounds after the checkpoint (they will be re-run);
+        returns how many rounds were dropped."""
         if not self.metrics_path.exists():
-            return
-        keep = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("round", 0) <= round_number
-        ]
+            return 0
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("round", 0) <= round_number]
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        return len(lines) - len(keep)
 
     def append(self, metrics: dict[str, Any]) -> None:
         record = {"time": time.time(), **metrics}
@@ -250,7 +251,14 @@ class FederatedRun:
             if ckpt["config"] != cfg.to_dict():
                 raise ValueError("the run folder's checkpoint was written with a different config")
             self.state.load_state_dict(ckpt["server"])
-            self.writer.truncate_after(self.state.round)
+            replayed = self.writer.truncate_after(self.state.round)
+            if replayed and self.state.noise.secure and self.spec.dp:
+                # Those rounds released noisy aggregates that fresh noise will not reproduce:
+                # the re-run releases new ones, so the lost rounds stay charged.
+                self.state.ledger.record(
+                    self.spec.noise_multiplier, self.spec.sample_rate, replayed
+                )
+                log.warning("charging %d replayed rounds to the privacy budget", replayed)
             log.info("resumed from round %d", self.state.round)
         self.progress = progress
         self.writer.write_config(

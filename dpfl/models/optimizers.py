@@ -120,7 +120,9 @@ register_optimizer(
     OptimizerEntry(
         "lamb",
         # max_grad_norm=0 and pre_norm=False: no global rescaling of the pseudo-gradient, only
-        # LAMB's per-tensor trust ratio, as in the paper.
+        # LAMB's per-tensor trust ratio, as in the paper. adam_debias=True keeps the bias
+        # correction out of the step size, so each tensor moves by lr * min(||w||, 10) as in
+        # You et al. (2020); pytorch-optimizer's default would multiply early steps by up to 10.
         lambda p, lr, o: _po("Lamb")(
             p,
             lr=lr,
@@ -129,6 +131,7 @@ register_optimizer(
             weight_decay=o.weight_decay,
             max_grad_norm=0.0,
             pre_norm=False,
+            adam_debias=True,
         ),
         "LAMB (pytorch-optimizer): Adam with a per-tensor trust ratio (the paper's server)",
         layerwise=True,

@@ -109,7 +109,7 @@ class PartitionedDataset:
 
     def user_data(self, user: int) -> TensorData:
         idx = self.partition[_check_user(user, self.num_users)]
-        return self.data.batch(torch.as_tensor(idx, dtype=torch.long))
+        return TensorData(self.data.batch(torch.as_tensor(idx, dtype=torch.long)))
 
     def test_data(self) -> TensorData:
         return self.test

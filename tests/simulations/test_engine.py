@@ -1,0 +1,145 @@
+import json
+import math
+
+import pytest
+import torch
+
+from dpfl.config import RunConfig
+from dpfl.privacy.accounting import compute_epsilon
+from dpfl.simulations.engine import simulate
+
+SMALL = {
+    "population": 300,
+    "cohort-size": 30,
+    "rounds": 8,
+    "examples-per-user": 20,
+    "server-lr": 0.05,
+}
+
+
+def cfg(tmp_path, **over):
+    values = {**SMALL, "run-dir": str(tmp_path / "run"), **over}
+    return RunConfig.from_mapping(values)
+
+
+def metrics(c: RunConfig):
+    with open(f"{c.run_dir}/metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_a_private_run_learns_and_reports_its_budget(tmp_path):
+    c = cfg(tmp_path, rounds=15, **{"target-epsilon": 8.0, "cohort-size": 60, "server-lr": 0.1})
+    summary = simulate(c, progress=False)
+    # ~0.1 (chance) before, ~0.48 after on 2,000 test examples
+    assert summary["final"]["accuracy"] > summary["initial"]["accuracy"] + 0.25
+    p = summary["privacy"]
+    assert p["epsilon"]["rdp"]["epsilon"] <= 8.0
+    assert p["epsilon"]["rdp"]["epsilon"] >= 8.0 * 0.99  # calibrated to spend the budget
+    assert p["epsilon"]["pld"]["epsilon"] <= p["epsilon"]["rdp"]["epsilon"]
+    assert p["text"].startswith("(epsilon, delta) = (")
+    assert "Poisson sampling, q=0.2, T=15" in p["text"]
+    assert p["delta"] < 1 / c.population
+    rows = metrics(c)
+    assert rows[0]["round"] == 0 and "eval_accuracy" in rows[0]
+    eps = [r["epsilon"] for r in rows[1:]]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(p["epsilon"]["rdp"]["epsilon"])
+    assert all(r["noise_std_average"] > 0 for r in rows[1:])
+    assert {"diag_train_loss", "diag_fraction_clipped", "replies"} <= set(rows[1])
+    assert "NOT covered by the DP guarantee" in summary["diagnostics_note"]
+    saved = torch.load(f"{c.run_dir}/model.pt", weights_only=True)
+    assert set(saved) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_run_stops_before_exceeding_the_budget(tmp_path):
+    c = cfg(tmp_path, rounds=50, **{"noise-multiplier": 0.8, "target-epsilon": 3.0})
+    summary = simulate(c, progress=False)
+    assert summary["stopped_for_budget"]
+    assert 0 < summary["rounds_run"] < 50
+    assert summary["privacy"]["epsilon"]["rdp"]["epsilon"] <= 3.0
+
+
+def test_resume_in_reproducible_mode_matches_an_uninterrupted_run(tmp_path):
+    common = {
+        "noise-seed": 123,
+        "checkpoint-every": 2,
+        "noise-multiplier": 1.0,
+        "target-epsilon": 0.0,
+    }
+    full = cfg(tmp_path / "a", **common)
+    simulate(full, progress=False)
+    part = cfg(tmp_path / "b", **common)
+    simulate(part, progress=False, stop_after_round=5)  # checkpoint at 4: round 5 is redone
+    resumed = simulate(part, progress=False, resume=True)
+    a = torch.load(f"{full.run_dir}/model.pt", weights_only=True)
+    b = torch.load(f"{part.run_dir}/model.pt", weights_only=True)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert resumed["rounds_run"] == 8
+    assert [r["round"] for r in metrics(part)] == list(range(9))
+    assert "INSECURE" in resumed["privacy"]["noise_source"]
+    first = json.load(open(f"{full.run_dir}/summary.json"))
+    assert resumed["privacy"]["epsilon"] == first["privacy"]["epsilon"]
+
+
+def test_resume_in_secure_mode_charges_replayed_rounds(tmp_path):
+    c = cfg(tmp_path, **{"checkpoint-every": 4, "noise-multiplier": 1.0, "target-epsilon": 0.0})
+    simulate(c, progress=False, stop_after_round=6)  # rounds 5 and 6 ran, then a "crash"
+    resumed = simulate(c, progress=False, resume=True)
+    assert resumed["rounds_run"] == 8
+    # 8 rounds kept + 2 replayed with fresh noise: 10 rounds are charged
+    expected = compute_epsilon(1.0, c.sample_rate, 10, c.resolved_delta).epsilon
+    assert resumed["privacy"]["epsilon"]["rdp"]["epsilon"] == pytest.approx(expected)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    c = cfg(tmp_path, **{"checkpoint-every": 1})
+    simulate(c, progress=False, stop_after_round=2)
+    changed = RunConfig.from_mapping({**c.to_dict(), "server-lr": 0.5})
+    with pytest.raises(ValueError, match="different config"):
+        simulate(changed, progress=False, resume=True)
+
+
+def test_diverging_clients_are_dropped_and_counted(tmp_path):
+    c = cfg(
+        tmp_path, rounds=2, **{"client-lr": 1e30, "target-epsilon": 0.0, "noise-multiplier": 1.0}
+    )
+    simulate(c, progress=False)
+    rows = metrics(c)[1:]
+    assert all(r["failed"] == r["cohort"] and r["accepted"] == 0 for r in rows)
+    assert all(math.isfinite(r["eval_loss"]) for r in rows)
+
+
+def test_server_side_clipping_and_no_dp_runs(tmp_path):
+    server = cfg(tmp_path / "s", rounds=2, **{"clip-location": "server"})
+    simulate(server, progress=False)
+    assert 0 <= metrics(server)[1]["diag_fraction_clipped"] <= 1
+    nodp = cfg(tmp_path / "n", rounds=2, **{"clip-norm": 0.0, "target-epsilon": 0.0})
+    summary = simulate(nodp, progress=False)
+    assert summary["privacy"]["dp"] is False and "epsilon" not in metrics(nodp)[1]
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"lerning-rate": 1}, "unknown config key 'lerning-rate'; known keys: "),
+        ({"cohort-size": 500}, r"cohort-size = 500.*\(0, population = 300\]"),
+        ({"server-optimizer": "adamm"}, "server-optimizer = 'adamm': expected one of adagrad"),
+        ({"clip-scheme": "layer"}, "expected one of flat, uniform, dim"),
+        ({"rounds": "ten"}, "rounds = 'ten': expected an integer"),
+        ({"delta": 1.5}, "delta"),
+        ({"sampling": "fixed"}, "target-epsilon needs sampling = poisson"),
+    ],
+)
+def test_bad_config_names_the_key(values, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig.from_mapping({**SMALL, **values})
+
+
+def test_fixed_size_cohorts_report_no_epsilon(tmp_path):
+    c = cfg(
+        tmp_path, rounds=2, sampling="fixed", **{"target-epsilon": 0.0, "noise-multiplier": 1.0}
+    )
+    summary = simulate(c, progress=False)
+    assert "epsilon" not in summary["privacy"]
+    assert "no epsilon is reported" in summary["privacy"]["text"]
+    assert all(r["cohort"] == 30 for r in metrics(c)[1:])
