@@ -10,6 +10,7 @@ config asks for them (``diagnostics``, off by default under Flower).
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -48,31 +49,44 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"info": info}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    values = dict(msg.content["config"])
+def handle_train(
+    values: dict, weights: dict[str, torch.Tensor], node_config: dict
+) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
+    """The body of the train handler, without Flower types: (delta, metrics) for this node."""
+    values = dict(values)
     round_number = int(values.pop("server-round"))
     cfg = RunConfig.from_mapping(values)
-    user = _user(context)
+    if USER_KEY not in node_config:
+        raise ValueError(f"this node has no {USER_KEY!r} in its node config")
+    user = int(node_config[USER_KEY])
     task, model, dataset, device = _workspace_for(cfg)
-    weights = {n: w.to(device) for n, w in msg.content["arrays"].to_torch_state_dict().items()}
     clip = cfg.clip_config() if cfg.clip_location == "client" else None
     res = local_update(
         model,
         task,
-        weights,
+        {n: w.to(device) for n, w in weights.items()},
         dataset.user_data(user),
         local_config(cfg),
         client_seed(cfg.seed, round_number, user),
         clip,
     )
-    metrics = {"num-examples": res.num_examples}
+    metrics: dict[str, float | int] = {"num-examples": res.num_examples}
     if cfg.diagnostics:
         metrics["diag-train-loss"] = res.train_loss
         if res.clip_stats is not None:
             metrics["diag-update-norm"] = res.clip_stats.norm
             metrics["diag-clipped"] = int(res.clip_stats.clipped)
-    delta = ArrayRecord({n: d.cpu() for n, d in res.delta.items()})
+    return {n: d.cpu() for n, d in res.delta.items()}, metrics
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    delta, metrics = handle_train(
+        dict(msg.content["config"]),
+        msg.content["arrays"].to_torch_state_dict(),
+        dict(context.node_config),
+    )
     return Message(
-        content=RecordDict({"arrays": delta, "metrics": MetricRecord(metrics)}), reply_to=msg
+        content=RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord(metrics)}),
+        reply_to=msg,
     )

@@ -105,10 +105,14 @@ class DPFedAvg(Strategy):
         agg = self._agg
         failed, losses, norms, clipped = 0, [], [], 0
         by_user: list[tuple[int, Message]] = []
+        seen: set[int] = set()
         for reply in replies:
-            user = self.node_users.get(reply.metadata.src_node_id)
+            node = reply.metadata.src_node_id
+            user = self.node_users.get(node)
             if user is None:
                 agg.reject("reply from an unknown node")
+            elif node in seen:
+                agg.reject("a second reply from the same node in one round")
             elif reply.has_error():
                 failed += 1
                 log.warning(
@@ -116,6 +120,7 @@ class DPFedAvg(Strategy):
                 )
             else:
                 by_user.append((user, reply))
+            seen.add(node)
         # Sum in user order, as the simulator does, so both give the same floats.
         for _user, reply in sorted(by_user, key=lambda pair: pair[0]):
             try:

@@ -1,0 +1,99 @@
+"""Helpers for tests that run Flower for real: a private FLWR_HOME, free ports, and cleanup of
+every process started, by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            # offline: never let a SuperLink try to install the app's dependencies
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
+    return env
+
+
+def pids_matching(*needles: str) -> list[int]:
+    """PIDs whose command line contains every needle (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(n in cmd for n in needles):
+            out.append(int(entry.name))
+    return out
+
+
+def kill(pids: list[int], timeout: float = 15.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run_status(env: dict[str, str], connection: str) -> list[dict]:
+    res = subprocess.run(
+        [str(BIN / "flwr"), "ls", connection, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    return json.loads(res.stdout).get("runs", [])
+
+
+def run_config_arg(values: dict) -> str:
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, str):
+            parts.append(f"{k}='{v}'")
+        elif isinstance(v, bool):
+            parts.append(f"{k}={'true' if v else 'false'}")
+        else:
+            parts.append(f"{k}={v}")
+    return " ".join(parts)

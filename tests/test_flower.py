@@ -1,0 +1,186 @@
+"""dpfl on Flower for real: `flwr run .` on a local simulation federation, and a deployment of a
+SuperLink with two SuperNodes on loopback. Every process a test starts is stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from dpfl.config import RunConfig
+from dpfl.simulations.engine import simulate
+from tests.flower_harness import (
+    BIN,
+    ROOT,
+    flower_env,
+    free_port,
+    kill,
+    pids_matching,
+    run_config_arg,
+    run_status,
+)
+
+pytestmark = pytest.mark.slow
+
+# Noise off (z = 0) so the two engines must agree to float precision; clipping stays on.
+EQUIV = {
+    "population": 6,
+    "cohort-size": 3.0,
+    "rounds": 3,
+    "examples-per-user": 20,
+    "noise-multiplier": 0.0,
+    "target-epsilon": 0.0,
+    "server-optimizer": "lamb",
+    "server-lr": 0.05,
+    "seed": 4,
+}
+
+
+@pytest.fixture
+def local_sim(tmp_path):
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n'
+    )
+    env = flower_env(home)
+    yield env
+    # `flwr run` leaves its local SuperLink running detached: stop it by PID.
+    kill(pids_matching("flower-superlink", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))
+
+
+def test_flwr_run_simulation_matches_the_in_process_simulator(local_sim, tmp_path):
+    run_dir = tmp_path / "flower-run"
+    res = subprocess.run(
+        [
+            str(BIN / "flwr"),
+            "run",
+            ".",
+            "local",
+            "--stream",
+            "--federation-config",
+            "num-supernodes=6 client-resources-num-cpus=1",
+            "--run-config",
+            run_config_arg({**EQUIV, "run-dir": str(run_dir)}),
+        ],
+        cwd=ROOT,
+        env=local_sim,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    statuses = [r["status"] for r in run_status(local_sim, "local")]
+    assert statuses == ["finished:completed"], (statuses, res.stdout[-3000:])
+
+    cfg = RunConfig.from_mapping({**EQUIV, "run-dir": str(tmp_path / "sim-run")})
+    simulate(cfg, progress=False)
+    flower = torch.load(run_dir / "model.pt", weights_only=True)
+    sim = torch.load(tmp_path / "sim-run" / "model.pt", weights_only=True)
+    for name in sim:
+        assert torch.allclose(flower[name], sim[name], atol=1e-5, rtol=0), name
+    flower_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["accepted"] for r in flower_rows[1:]] == [
+        json.loads(x)["accepted"]
+        for x in (tmp_path / "sim-run" / "metrics.jsonl").read_text().splitlines()[1:]
+    ]
+    # the model moved: the runs did train
+    assert any(r["update_norm"] > 0 for r in flower_rows[1:])
+
+
+def test_deployment_on_loopback_two_supernodes(tmp_path):
+    home = tmp_path / "flwr"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-deployment"\n'
+        f'[superlink.local-deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = flower_env(home)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "flower-superlink"),
+                    "--insecure",
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                env=env,
+                stdout=open(logs / "superlink.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        for i in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        f"partition-id={i} num-partitions=2",
+                    ],
+                    env=env,
+                    stdout=open(logs / f"supernode{i}.log", "w"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        run_dir = tmp_path / "run"
+        values = {
+            "population": 2,
+            "cohort-size": 2.0,
+            "rounds": 2,
+            "target-epsilon": 0.0,
+            "noise-multiplier": 1.0,
+            "run-dir": str(run_dir),
+        }
+        res = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                ".",
+                "local-deployment",
+                "--stream",
+                "--run-config",
+                run_config_arg(values),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        statuses = [r["status"] for r in run_status(env, "local-deployment")]
+        assert statuses == ["finished:completed"], (
+            statuses,
+            (logs / "superlink.log").read_text()[-3000:],
+        )
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["accepted"] for r in rows[1:]] == [2, 2]  # q = 1: both nodes, both rounds
+        assert all("diag_train_loss" not in r for r in rows)  # off under Flower with DP on
+        torch.manual_seed(RunConfig.from_mapping(values).seed)
+        from dpfl.runs import build_task
+
+        initial = build_task(RunConfig.from_mapping(values)).build_model().state_dict()
+        final = torch.load(run_dir / "model.pt", weights_only=True)
+        assert any(not torch.equal(initial[n], final[n]) for n in final)
+    finally:
+        started = [p.pid for p in procs]
+        # SuperNodes and the SuperLink spawn SuperExec helpers tied to them by --parent-pid.
+        helpers = [h for pid in started for h in pids_matching("--parent-pid", f" {pid} ")]
+        kill(started + helpers)
