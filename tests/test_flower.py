@@ -11,15 +11,17 @@ import torch
 
 from dpfl.config import RunConfig
 from dpfl.simulations.engine import simulate
-from tests.flower_harness import (
+from dpfl.simulations.flower_local import (
     BIN,
     ROOT,
     flower_env,
     free_port,
     kill,
+    local_simulation_home,
     pids_matching,
     run_config_arg,
     run_status,
+    stop_local_superlink,
 )
 
 pytestmark = pytest.mark.slow
@@ -40,15 +42,9 @@ EQUIV = {
 
 @pytest.fixture
 def local_sim(tmp_path):
-    home = tmp_path / "flwr"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n'
-    )
-    env = flower_env(home)
+    env = local_simulation_home(tmp_path / "flwr")
     yield env
-    # `flwr run` leaves its local SuperLink running detached: stop it by PID.
-    kill(pids_matching("flower-superlink", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))
+    stop_local_superlink(env)
 
 
 def test_flwr_run_simulation_matches_the_in_process_simulator(local_sim, tmp_path):

@@ -1,5 +1,9 @@
-"""Helpers for tests that run Flower for real: a private FLWR_HOME, free ports, and cleanup of
-every process started, by PID."""
+"""Run dpfl on a local Flower simulation federation from Python (tests and benchmarks use it).
+
+Flower's ``flwr run`` starts a detached local SuperLink, may try to install the app's dependencies
+and phones home; this module gives each run a private ``FLWR_HOME``, free ports, an offline
+environment, and stops by PID every process it caused to start.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository root: the Flower app (``pyproject.toml`` with ``[tool.flwr.app]``)."""
 BIN = Path(sys.executable).parent
 
 
@@ -88,6 +93,7 @@ def run_status(env: dict[str, str], connection: str) -> list[dict]:
 
 
 def run_config_arg(values: dict) -> str:
+    """``--run-config`` text for a dict of config keys (strings quoted)."""
     parts = []
     for k, v in values.items():
         if isinstance(v, str):
@@ -97,3 +103,45 @@ def run_config_arg(values: dict) -> str:
         else:
             parts.append(f"{k}={v}")
     return " ".join(parts)
+
+
+def local_simulation_home(home: Path) -> dict[str, str]:
+    """Create ``home`` with a ``local`` simulation connection; return the environment to use."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n'
+    )
+    return flower_env(home)
+
+
+def stop_local_superlink(env: dict[str, str]) -> None:
+    """``flwr run`` leaves its local SuperLink running detached: stop it by PID."""
+    kill(pids_matching("flower-superlink", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))
+
+
+def flwr_run_simulation(
+    values: dict,
+    num_supernodes: int,
+    env: dict[str, str],
+    cpus_per_client: float = 1,
+    timeout: float = 3600,
+) -> subprocess.CompletedProcess:
+    """``flwr run . local --stream`` with dpfl config ``values`` on ``num_supernodes`` nodes."""
+    return subprocess.run(
+        [
+            str(BIN / "flwr"),
+            "run",
+            ".",
+            "local",
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+            "--run-config",
+            run_config_arg(values),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
