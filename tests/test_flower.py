@@ -13,15 +13,16 @@ from dpfl.config import RunConfig
 from dpfl.simulations.engine import simulate
 from dpfl.simulations.flower_local import (
     BIN,
-    ROOT,
     flower_env,
+    flwr_run,
+    flwr_run_simulation,
     free_port,
     kill,
     local_simulation_home,
     pids_matching,
-    run_config_arg,
     run_status,
     stop_local_superlink,
+    wait_for_port,
 )
 
 pytestmark = pytest.mark.slow
@@ -49,24 +50,7 @@ def local_sim(tmp_path):
 
 def test_flwr_run_simulation_matches_the_in_process_simulator(local_sim, tmp_path):
     run_dir = tmp_path / "flower-run"
-    res = subprocess.run(
-        [
-            str(BIN / "flwr"),
-            "run",
-            ".",
-            "local",
-            "--stream",
-            "--federation-config",
-            "num-supernodes=6 client-resources-num-cpus=1",
-            "--run-config",
-            run_config_arg({**EQUIV, "run-dir": str(run_dir)}),
-        ],
-        cwd=ROOT,
-        env=local_sim,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = flwr_run_simulation({**EQUIV, "run-dir": str(run_dir)}, 6, local_sim, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     statuses = [r["status"] for r in run_status(local_sim, "local")]
     assert statuses == ["finished:completed"], (statuses, res.stdout[-3000:])
@@ -116,6 +100,7 @@ def test_deployment_on_loopback_two_supernodes(tmp_path):
                 start_new_session=True,
             )
         )
+        wait_for_port(port)  # a fresh environment can take a while to start it
         for i in range(2):
             procs.append(
                 subprocess.Popen(
@@ -144,22 +129,7 @@ def test_deployment_on_loopback_two_supernodes(tmp_path):
             "noise-multiplier": 1.0,
             "run-dir": str(run_dir),
         }
-        res = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                ".",
-                "local-deployment",
-                "--stream",
-                "--run-config",
-                run_config_arg(values),
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        res = flwr_run("local-deployment", values, env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         statuses = [r["status"] for r in run_status(env, "local-deployment")]
         assert statuses == ["finished:completed"], (

@@ -27,6 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 120.0, host: str = "127.0.0.1") -> None:
+    """Block until something listens on ``host:port`` (a SuperLink that is still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"nothing listens on {host}:{port} after {timeout:g} s"
+                ) from None
+            time.sleep(0.25)
+
+
 def flower_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -119,6 +134,22 @@ def stop_local_superlink(env: dict[str, str]) -> None:
     kill(pids_matching("flower-superlink", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))
 
 
+def flwr_run(
+    connection: str,
+    values: dict,
+    env: dict[str, str],
+    *,
+    federation_config: str | None = None,
+    timeout: float = 3600,
+) -> subprocess.CompletedProcess:
+    """``flwr run . <connection> --stream`` with dpfl config ``values``."""
+    cmd = [str(BIN / "flwr"), "run", ".", connection, "--stream"]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    cmd += ["--run-config", run_config_arg(values)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def flwr_run_simulation(
     values: dict,
     num_supernodes: int,
@@ -127,21 +158,12 @@ def flwr_run_simulation(
     timeout: float = 3600,
 ) -> subprocess.CompletedProcess:
     """``flwr run . local --stream`` with dpfl config ``values`` on ``num_supernodes`` nodes."""
-    return subprocess.run(
-        [
-            str(BIN / "flwr"),
-            "run",
-            ".",
-            "local",
-            "--stream",
-            "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
-            "--run-config",
-            run_config_arg(values),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    return flwr_run(
+        "local",
+        values,
+        env,
+        federation_config=(
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+        ),
         timeout=timeout,
     )

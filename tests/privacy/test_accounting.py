@@ -235,7 +235,9 @@ def test_alternating_settings_are_grouped_before_accounting(monkeypatch):
     assert len(ledger.segments) == 60
     seen = []
     real = acc._pld_epsilon
-    monkeypatch.setattr(acc, "_pld_epsilon", lambda segs, d: seen.append(len(segs)) or real(segs, d))
+    monkeypatch.setattr(
+        acc, "_pld_epsilon", lambda segs, d: seen.append(len(segs)) or real(segs, d)
+    )
     got = ledger.epsilon(1e-6, "pld").epsilon
     assert seen == [2]
     ref = dpa_pld.PLDAccountant(value_discretization_interval=1e-3)
