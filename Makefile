@@ -7,8 +7,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup lint
+.PHONY: demo test setup lint espeak-ng
 
 # The venv is created once; the install step runs every time, so a dependency added to
 # pyproject.toml is installed on the next `make` (pip does nothing when all are present).
@@ -16,6 +17,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 setup: $(BIN)/python
+	@command -v espeak-ng >/dev/null 2>&1 || $(MAKE) --no-print-directory espeak-ng
 	$(BIN)/pip install --quiet "setuptools>=77,<82"
 	$(BIN)/pip install --quiet --no-build-isolation --editable '.[test]'
 
@@ -24,6 +26,11 @@ setup: $(BIN)/python
 demo: setup
 	$(BIN)/dpfl simulate --run-dir runs/demo
 	$(BIN)/dpfl report runs/demo
+
+# Offline speech synthesis for the synthetic speech corpus (a Debian package).
+espeak-ng:
+	$(SUDO) apt-get install -y -q espeak-ng || \
+		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q espeak-ng)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

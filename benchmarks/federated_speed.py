@@ -113,8 +113,9 @@ def main() -> None:
     parser.add_argument("--skip-million", action="store_true")
     args = parser.parse_args()
     base = {**WORKLOAD, "rounds": args.rounds}
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
     print(f"workload toy-mlp: {json.dumps(base)}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -128,15 +129,17 @@ def main() -> None:
                 {**base, "population": 1_000_000, "run-dir": str(tmp / "million")}
             )
     print()
-    print(f"{'engine':<34}{'median ms/round':>16}{'peak RSS MB':>13}{'accuracy':>10}"
-          f"{'wall s':>8}")
+    print(f"{'engine':<34}{'median ms/round':>16}{'peak RSS MB':>13}{'accuracy':>10}{'wall s':>8}")
     for name, r in results.items():
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
-        print(f"{name:<34}{r['median_ms']:>16.1f}{rss:>13}{r['accuracy']:>10.4f}"
-              f"{r['wall_s']:>8.1f}")
+        print(
+            f"{name:<34}{r['median_ms']:>16.1f}{rss:>13}{r['accuracy']:>10.4f}{r['wall_s']:>8.1f}"
+        )
     if "Flower simulation engine" in results:
-        ratio = results["Flower simulation engine"]["median_ms"] / results["dpfl simulator"][
-            "median_ms"]
+        ratio = (
+            results["Flower simulation engine"]["median_ms"]
+            / results["dpfl simulator"]["median_ms"]
+        )
         print(f"\ndpfl speed-up over Flower's simulation engine (median ms/round): {ratio:.1f}x")
     print("peak RSS: the dpfl process only (Flower's is spread over Ray workers; not compared)")
 

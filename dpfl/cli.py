@@ -412,8 +412,6 @@ def _print_budget(report: dict, target: float | None) -> None:
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    from dpfl.config import RunConfig
-
     p = sub.add_parser(
         "simulate",
         help="train with DP-FedAvg in dpfl's in-process simulator",
@@ -422,37 +420,111 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
             "--config reads a TOML file of the same keys (flags override it)."
         ),
     )
-    p.add_argument("--config", help="TOML file of config keys")
     p.add_argument(
         "--resume", action="store_true", help="continue from the run folder's checkpoint"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_keys(p)
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from dpfl.report import statement_lines
+    from dpfl.simulations.engine import simulate
+
+    cfg = _config_from_args(args)
+    try:
+        summary = simulate(cfg, resume=args.resume, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    print("\n".join(statement_lines({"config": cfg.to_dict()}, summary)))
+    print(f"run folder: {cfg.run_dir} (dpfl report {cfg.run_dir} for plots)")
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace):
+    from dpfl.config import RunConfig
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("key:") and v is not None}
+    try:
+        base = RunConfig.from_toml(args.config) if args.config else None
+        return RunConfig.from_mapping(overrides, base)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def _add_config_keys(p: argparse.ArgumentParser) -> None:
+    from dpfl.config import RunConfig
+
+    p.add_argument("--config", help="TOML file of config keys (flags override it)")
     keys = p.add_argument_group("config keys")
     for key, default, doc in RunConfig.describe_defaults():
         keys.add_argument(
             f"--{key}", metavar="V", dest=f"key:{key}", help=f"{doc} (default: {default})"
         )
-    p.set_defaults(func=_cmd_simulate)
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from dpfl.config import RunConfig
-    from dpfl.simulations.engine import simulate
+def _add_central(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "central",
+        help="train a speech seed model centrally on the seed speakers",
+        description="Train on the first seed-speakers speakers (pooled, Adam, central-steps "
+        "steps) and write run-dir/model.pt, to start a federated run from (init-model).",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_keys(p)
+    p.set_defaults(func=_cmd_central)
 
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("key:") and v is not None}
+
+def _cmd_central(args: argparse.Namespace) -> int:
+    from dpfl.simulations.central import train_central
+
+    cfg = _config_from_args(args)
     try:
-        base = RunConfig.from_toml(args.config) if args.config else None
-        cfg = RunConfig.from_mapping(overrides, base)
-    except ValueError as err:
+        summary = train_central(cfg, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise CliError(str(err)) from None
-    try:
-        summary = simulate(cfg, resume=args.resume, progress=not args.quiet)
-    except ValueError as err:  # e.g. a target epsilon the calibration cannot reach
-        raise CliError(str(err)) from None
-    from dpfl.report import statement_lines
+    m = summary["metric"]
+    print(
+        f"seed model: {summary['speakers']} speakers, {summary['hours']:.2f} h, "
+        f"{summary['steps']} steps; {m} {summary['initial'][m]:.4f} -> {summary['final'][m]:.4f}"
+        f", cer {summary['final'].get('cer', float('nan')):.4f}"
+    )
+    print(f"model: {cfg.run_dir}/model.pt (start a federated run with --init-model)")
+    return 0
 
-    print("\n".join(statement_lines({"config": cfg.to_dict()}, summary)))
-    print(f"run folder: {cfg.run_dir} (dpfl report {cfg.run_dir} for plots)")
+
+def _add_corpus(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "speech-corpus",
+        help="synthesise a multi-speaker speech corpus offline with espeak-ng",
+    )
+    p.add_argument("out_dir")
+    p.add_argument("--speakers", type=_int_arg("--speakers"), default=40)
+    p.add_argument("--utterances", type=_int_arg("--utterances"), default=10)
+    p.add_argument("--test-speakers", type=_int_arg("--test-speakers"), default=8)
+    p.add_argument("--layout", choices=("librispeech", "commonvoice"), default="librispeech")
+    p.add_argument("--seed", type=_int_arg("--seed"), default=0)
+    p.set_defaults(func=_cmd_corpus)
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from dpfl.simulations.speech_synth import generate_corpus
+
+    try:
+        out = generate_corpus(
+            args.out_dir,
+            args.speakers,
+            args.utterances,
+            args.test_speakers,
+            args.seed,
+            args.layout,
+        )
+    except (ValueError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    print(
+        f"wrote a {args.layout} corpus of {args.speakers} + {args.test_speakers} speakers to {out}"
+    )
     return 0
 
 
@@ -482,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_budget(sub)
     _add_simulate(sub)
+    _add_central(sub)
+    _add_corpus(sub)
     _add_report(sub)
     return parser
 

@@ -34,6 +34,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "accountant": ACCOUNTANTS,
     "sampling": SAMPLINGS,
     "device": ("auto", "cpu", "cuda"),
+    "asr_arch": ("transformer", "conformer"),
+    "asr_size": ("tiny", "small", "paper"),
+    "data_format": ("synthetic", "librispeech", "commonvoice"),
 }
 
 
@@ -50,6 +53,43 @@ class RunConfig:
     hidden: str = field(
         default="64", metadata=_doc("synthetic task: MLP hidden sizes, e.g. '64,64'")
     )
+    # --- speech (task = "asr")
+    asr_arch: str = field(default="transformer", metadata=_doc("asr: transformer or conformer"))
+    asr_size: str = field(default="tiny", metadata=_doc("asr: tiny, small or paper"))
+    asr_dropout: float = field(default=0.3, metadata=_doc("asr: dropout"))
+    asr_layerdrop: float = field(default=0.3, metadata=_doc("asr: layer-drop (transformer)"))
+    spec_augment: bool = field(default=True, metadata=_doc("asr: SpecAugment in training"))
+    data_format: str = field(
+        default="synthetic", metadata=_doc("asr data: synthetic, librispeech or commonvoice")
+    )
+    data_dir: str = field(default="data/synthetic-speech", metadata=_doc("asr: corpus folder"))
+    data_train: str = field(
+        default="train", metadata=_doc("asr: LibriSpeech subset or Common Voice TSV to train on")
+    )
+    data_test: str = field(
+        default="test", metadata=_doc("asr: LibriSpeech subset or Common Voice TSV to test on")
+    )
+    synthetic_speakers: int = field(default=40, metadata=_doc("synthetic speech: speakers"))
+    synthetic_utterances: int = field(
+        default=10, metadata=_doc("synthetic speech: utterances per speaker")
+    )
+    synthetic_test_speakers: int = field(
+        default=8, metadata=_doc("synthetic speech: held-out test speakers")
+    )
+    seed_speakers: int = field(
+        default=0, metadata=_doc("asr: speakers kept out of the federation for a central seed")
+    )
+    max_test_utterances: int = field(
+        default=200, metadata=_doc("asr: evaluate on at most this many utterances (0: all)")
+    )
+    batch_seconds: float = field(
+        default=0.0, metadata=_doc("client batches of this many seconds of audio (0: batch-size)")
+    )
+    init_model: str = field(
+        default="", metadata=_doc("start from this model.pt (e.g. a central seed); '' for none")
+    )
+    central_steps: int = field(default=1000, metadata=_doc("dpfl central: training steps"))
+    central_lr: float = field(default=1e-3, metadata=_doc("dpfl central: Adam learning rate"))
     # --- rounds and cohorts
     rounds: int = field(default=40, metadata=_doc("planned number of rounds T"))
     cohort_size: float = field(
@@ -187,7 +227,25 @@ class RunConfig:
         for name in ("population", "rounds", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
-        for name in ("local_epochs", "local_steps", "checkpoint_every", "server_warmup_steps"):
+        for name in ("synthetic_speakers", "synthetic_utterances", "central_steps"):
+            if getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        for name in ("asr_dropout", "asr_layerdrop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "a number in [0, 1)")
+        if self.central_lr <= 0:
+            raise bad("central_lr", "a number > 0")
+        if self.batch_seconds < 0:
+            raise bad("batch_seconds", "a number >= 0")
+        for name in (
+            "local_epochs",
+            "local_steps",
+            "checkpoint_every",
+            "server_warmup_steps",
+            "synthetic_test_speakers",
+            "seed_speakers",
+            "max_test_utterances",
+        ):
             if getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0")
         if self.local_epochs == 0 and self.local_steps == 0:

@@ -52,7 +52,40 @@ def client_seed(seed: int, round_number: int, user: int) -> int:
 def build_task(cfg: RunConfig) -> Task:
     if cfg.task == "classification":
         return ClassificationTask(hidden=cfg.hidden_sizes)
+    if cfg.task == "asr":
+        return TASKS["asr"](
+            arch=cfg.asr_arch,
+            size=cfg.asr_size,
+            dropout=cfg.asr_dropout,
+            layerdrop=cfg.asr_layerdrop,
+            spec_augment=cfg.spec_augment,
+        )
     return TASKS[cfg.task]()
+
+
+def speech_corpus(cfg: RunConfig):
+    """(train utterances, test utterances) of the configured corpus, generating a synthetic one
+    on first use."""
+    from dpfl.simulations.speech import read_common_voice, read_librispeech
+
+    if cfg.data_format == "synthetic":
+        from dpfl.simulations.speech_synth import generate_corpus
+
+        log.info("synthetic speech corpus in %s", cfg.data_dir)
+        generate_corpus(
+            cfg.data_dir,
+            speakers=cfg.synthetic_speakers,
+            utterances=cfg.synthetic_utterances,
+            test_speakers=cfg.synthetic_test_speakers,
+            seed=cfg.seed,
+        )
+    if cfg.data_format == "commonvoice":
+        return read_common_voice(cfg.data_dir, cfg.data_train), read_common_voice(
+            cfg.data_dir, cfg.data_test
+        )
+    return read_librispeech(cfg.data_dir, cfg.data_train), read_librispeech(
+        cfg.data_dir, cfg.data_test
+    )
 
 
 def build_dataset(cfg: RunConfig) -> FederatedDataset:
@@ -60,7 +93,31 @@ def build_dataset(cfg: RunConfig) -> FederatedDataset:
         return SyntheticClassification(
             num_users=cfg.population, examples_per_user=cfg.examples_per_user, seed=cfg.seed
         )
+    if cfg.task == "asr":
+        from dpfl.simulations.speech import SpeechFederatedDataset, split_speakers
+
+        train, test = speech_corpus(cfg)
+        seed_speakers, _ = split_speakers(train, cfg.seed_speakers)
+        dataset = SpeechFederatedDataset(
+            train, test, exclude=seed_speakers, max_test_utterances=cfg.max_test_utterances
+        )
+        if dataset.num_users != cfg.population:
+            raise ValueError(
+                f"config key population = {cfg.population}, but the corpus in {cfg.data_dir} "
+                f"has {dataset.num_users} speakers to federate ({cfg.seed_speakers} kept for "
+                f"the seed): set population = {dataset.num_users}"
+            )
+        return dataset
     raise ValueError(f"no built-in dataset for task {cfg.task!r}")
+
+
+def load_model_file(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a ``model.pt`` (trainable parameters, as written by a run) into ``model``."""
+    try:
+        weights = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise ValueError(f"config key init-model: {path} does not exist") from None
+    load_weights(model, weights)
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -80,6 +137,7 @@ def local_config(cfg: RunConfig) -> LocalTrainConfig:
         optimizer=cfg.client_optimizer,
         options=cfg.client_options(),
         grad_clip=cfg.client_grad_clip,
+        batch_seconds=cfg.batch_seconds,
     )
 
 
@@ -242,6 +300,8 @@ class FederatedRun:
         self.task = build_task(cfg)
         self.dataset = build_dataset(cfg)
         self.model = self.task.build_model().to(self.device)
+        if cfg.init_model:
+            load_model_file(self.model, cfg.init_model)
         self.test_data = self.dataset.test_data()
         self.noise = resolve_noise(cfg)
         self.spec = server_spec(cfg, self.noise)

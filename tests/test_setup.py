@@ -55,3 +55,19 @@ def test_make_demo_runs_the_main_job():
     eps = float(re.search(r"epsilon:\s+([\d.]+) under rdp", out).group(1))
     assert eps <= 10
     assert (ROOT / "runs/demo/metric.png").exists() and (ROOT / "runs/demo/epsilon.png").exists()
+
+
+def test_paper_config_is_the_papers_recipe():
+    from dpfl.config import RunConfig
+    from dpfl.privacy.mechanisms import sigma_dp_from_noise_multiplier
+
+    cfg = RunConfig.from_toml(ROOT / "configs" / "paper.toml")
+    assert (cfg.task, cfg.asr_size, cfg.clip_norm, cfg.clip_scheme) == ("asr", "paper", 0.01, "dim")
+    assert (cfg.local_steps, cfg.client_lr, cfg.client_grad_clip) == (10, 0.2, 1.0)
+    assert (cfg.server_optimizer, cfg.server_lr, cfg.server_eps) == ("lamb", 0.002, 1e-6)
+    assert (cfg.server_schedule, cfg.server_schedule_step_size, cfg.server_schedule_gamma) == (
+        "step", 750, 0.6,
+    )
+    assert (cfg.cohort_size, cfg.rounds, cfg.delta, cfg.batch_seconds) == (1024, 2000, 1e-9, 120)
+    assert sigma_dp_from_noise_multiplier(cfg.noise_multiplier, cfg.cohort_size) == 1e-5
+    RunConfig.from_toml(ROOT / "configs" / "asr-synthetic.toml")  # parses

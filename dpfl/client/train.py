@@ -34,6 +34,9 @@ class LocalTrainConfig:
     grad_clip: float = 0.0
     """Per-step clipping of the gradient norm (the paper: 1.0); 0 turns it off. This is an
     optimisation aid, not a privacy mechanism: privacy comes from clipping the delta."""
+    batch_seconds: float = 0.0
+    """Batches by seconds of audio instead of ``batch_size`` examples (speech data: those with
+    ``durations``); similar lengths are batched together."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
@@ -45,6 +48,8 @@ class LocalTrainConfig:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise ValueError(f"grad clip must be >= 0, got {self.grad_clip}")
+        if not (math.isfinite(self.batch_seconds) and self.batch_seconds >= 0):
+            raise ValueError(f"batch seconds must be >= 0, got {self.batch_seconds}")
 
 
 @dataclass
@@ -81,24 +86,49 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
             params[n].copy_(w)
 
 
-def _batches(n: int, cfg: LocalTrainConfig, generator: torch.Generator):
-    """Index batches: ``steps`` batches over reshuffled epochs, or ``epochs`` full passes."""
-    if n == 0:
+def _epoch(data: ClientData, cfg: LocalTrainConfig, generator: torch.Generator):
+    """One pass over the data as index batches, in a random order."""
+    perm = torch.randperm(len(data), generator=generator)
+    if cfg.batch_seconds > 0:
+        durations = getattr(data, "durations", None)
+        if durations is None:
+            raise ValueError("batch-seconds needs data with durations (speech)")
+        # Length bucketing: sort the shuffled order by duration (stable, so equal lengths stay
+        # shuffled), pack up to batch_seconds, then shuffle the order of the batches.
+        order = sorted(perm.tolist(), key=lambda i: durations[i])
+        packed: list[list[int]] = []
+        current: list[int] = []
+        total = 0.0
+        for i in order:
+            if current and total + durations[i] > cfg.batch_seconds:
+                packed.append(current)
+                current, total = [], 0.0
+            current.append(i)
+            total += durations[i]
+        if current:
+            packed.append(current)
+        for k in torch.randperm(len(packed), generator=generator).tolist():
+            yield torch.tensor(packed[k])
+    else:
+        for start in range(0, len(data), cfg.batch_size):
+            yield perm[start : start + cfg.batch_size]
+
+
+def batches(data: ClientData, cfg: LocalTrainConfig, generator: torch.Generator):
+    """``steps`` batches over reshuffled epochs, or ``epochs`` full passes."""
+    if len(data) == 0:
         return
     if cfg.steps > 0:
         done = 0
-        while done < cfg.steps:
-            perm = torch.randperm(n, generator=generator)
-            for start in range(0, n, cfg.batch_size):
-                yield perm[start : start + cfg.batch_size]
+        while True:
+            for idx in _epoch(data, cfg, generator):
+                yield idx
                 done += 1
                 if done == cfg.steps:
                     return
     else:
         for _ in range(cfg.epochs):
-            perm = torch.randperm(n, generator=generator)
-            for start in range(0, n, cfg.batch_size):
-                yield perm[start : start + cfg.batch_size]
+            yield from _epoch(data, cfg, generator)
 
 
 def local_update(
@@ -130,7 +160,7 @@ def local_update(
         if devices:
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
-        for idx in _batches(len(data), cfg, generator):
+        for idx in batches(data, cfg, generator):
             batch = data.batch(idx)
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(model, batch)

@@ -88,21 +88,30 @@ class ClassificationTask:
         return MLP([self.features, *self.hidden, self.classes])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+        device = next(model.parameters()).device
+        return nn.functional.cross_entropy(model(batch["x"].to(device)), batch["y"].to(device))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: TensorData) -> dict[str, float]:
         model.eval()
         total, correct, loss_sum = 0, 0, 0.0
+        device = next(model.parameters()).device
         for batch in data.batches(4096):
-            logits = model(batch["x"])
-            loss_sum += nn.functional.cross_entropy(logits, batch["y"], reduction="sum").item()
-            correct += (logits.argmax(dim=1) == batch["y"]).sum().item()
-            total += len(batch["y"])
+            x, y = batch["x"].to(device), batch["y"].to(device)
+            logits = model(x)
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == y).sum().item()
+            total += len(y)
         model.train()
         if total == 0:
             raise ValueError("cannot evaluate on an empty dataset")
         return {"accuracy": correct / total, "loss": loss_sum / total}
 
 
-TASKS: dict[str, Callable[..., Task]] = {"classification": ClassificationTask}
+def _asr_task(**kwargs) -> Task:
+    from dpfl.models.asr.task import ASRTask
+
+    return ASRTask(**kwargs)
+
+
+TASKS: dict[str, Callable[..., Task]] = {"classification": ClassificationTask, "asr": _asr_task}

@@ -1,0 +1,226 @@
+"""Speech corpora as federated datasets: one user per speaker.
+
+Readers for a LibriSpeech folder (``<subset>/<speaker>/<chapter>/<id>.flac`` with
+``<speaker>-<chapter>.trans.txt``) and a Common Voice folder (``clips/`` plus a TSV such as
+``train.tsv`` with ``client_id``, ``path`` and ``sentence``). Audio is decoded with soundfile
+(FLAC, WAV, MP3, ...; no network), mixed to mono and resampled to 16 kHz when it is not.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpfl.models.asr.models import SAMPLE_RATE
+from dpfl.models.asr.text import CharTokenizer
+
+
+@dataclass(frozen=True)
+class Utterance:
+    speaker: str
+    audio: Path
+    text: str
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """A mono float32 waveform at ``sample_rate``; a clear error for a missing or bad file."""
+    import soundfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {path} does not exist")
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # soundfile raises its own error types for undecodable files
+        raise ValueError(f"cannot decode audio file {path}: {err}") from None
+    wave = torch.from_numpy(data.mean(axis=1))
+    if rate != sample_rate:
+        import torchaudio.functional as AF
+
+        wave = AF.resample(wave, rate, sample_rate)
+    return wave.contiguous()
+
+
+def read_librispeech(root: str | Path, subset: str) -> list[Utterance]:
+    """Every utterance of ``root/subset``, in speaker, chapter and id order."""
+    base = Path(root) / subset
+    if not base.is_dir():
+        raise FileNotFoundError(f"LibriSpeech subset folder {base} does not exist")
+    out = []
+    for trans in sorted(base.glob("*/*/*.trans.txt")):
+        speaker = trans.parent.parent.name
+        prefix = f"{speaker}-{trans.parent.name}-"
+        for lineno, line in enumerate(trans.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2 or not parts[0].startswith(prefix):
+                raise ValueError(
+                    f"{trans}:{lineno}: malformed transcript line {line[:60]!r} "
+                    f"(expected '{prefix}NNNN TEXT')"
+                )
+            audio = trans.parent / f"{parts[0]}.flac"
+            if not audio.is_file():
+                raise FileNotFoundError(f"{trans}:{lineno}: audio file {audio} is missing")
+            out.append(Utterance(speaker, audio, parts[1].strip()))
+    if not out:
+        raise ValueError(f"no transcripts (*/*/*.trans.txt) under {base}")
+    return out
+
+
+def read_common_voice(root: str | Path, tsv: str = "train.tsv") -> list[Utterance]:
+    """The utterances listed in ``root/tsv``, audio under ``root/clips``."""
+    root = Path(root)
+    table = root / tsv
+    if not table.is_file():
+        raise FileNotFoundError(f"Common Voice table {table} does not exist")
+    out = []
+    with table.open(newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = {"client_id", "path", "sentence"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{table}: missing column(s) {', '.join(sorted(missing))}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row["client_id"] or not row["path"] or row["sentence"] is None:
+                raise ValueError(f"{table}:{lineno}: malformed row {row}")
+            audio = root / "clips" / row["path"]
+            if not audio.is_file():
+                raise FileNotFoundError(f"{table}:{lineno}: audio file {audio} is missing")
+            out.append(Utterance(row["client_id"], audio, row["sentence"]))
+    if not out:
+        raise ValueError(f"{table} lists no utterances")
+    return out
+
+
+@dataclass
+class SpeechData:
+    """One user's (or the test set's) utterances as waveforms and character ids."""
+
+    waves: list[torch.Tensor]
+    texts: list[str]
+    tokenizer: CharTokenizer
+
+    def __post_init__(self) -> None:
+        self.targets = [
+            torch.tensor(self.tokenizer.encode(t), dtype=torch.long) for t in self.texts
+        ]
+        self.durations = [len(w) / SAMPLE_RATE for w in self.waves]
+
+    def __len__(self) -> int:
+        return len(self.waves)
+
+    def batch(self, indices: torch.Tensor) -> dict:
+        idx = [int(i) for i in indices]
+        lengths = torch.tensor([len(self.waves[i]) for i in idx])
+        waves = torch.zeros(len(idx), int(lengths.max()))
+        for row, i in enumerate(idx):
+            waves[row, : len(self.waves[i])] = self.waves[i]
+        return {
+            "waves": waves,
+            "lengths": lengths,
+            "targets": torch.cat([self.targets[i] for i in idx]),
+            "target_lengths": torch.tensor([len(self.targets[i]) for i in idx]),
+            "texts": [self.tokenizer.normalize(self.texts[i]) for i in idx],
+        }
+
+    def batches_by_seconds(self, seconds: float) -> list[torch.Tensor]:
+        """Length-sorted batches of at most ``seconds`` of audio, in order (evaluation)."""
+        out, current, total = [], [], 0.0
+        for i in sorted(range(len(self)), key=lambda i: self.durations[i]):
+            if current and total + self.durations[i] > seconds:
+                out.append(torch.tensor(current))
+                current, total = [], 0.0
+            current.append(i)
+            total += self.durations[i]
+        if current:
+            out.append(torch.tensor(current))
+        return out
+
+
+class SpeechFederatedDataset:
+    """Users are speakers (sorted by id); audio is decoded when a user is first sampled.
+
+    ``exclude`` speakers are left out of the federation (e.g. those a seed model was trained on
+    centrally). Decoded users are kept in a small LRU cache, so a population of any size costs
+    memory for about ``cache_users`` users.
+    """
+
+    def __init__(
+        self,
+        utterances: Sequence[Utterance],
+        test: Sequence[Utterance],
+        tokenizer: CharTokenizer | None = None,
+        exclude: Sequence[str] = (),
+        cache_users: int = 64,
+        max_test_utterances: int = 0,
+    ) -> None:
+        self.tokenizer = tokenizer or CharTokenizer()
+        by_speaker: dict[str, list[Utterance]] = {}
+        for u in utterances:
+            by_speaker.setdefault(u.speaker, []).append(u)
+        excluded = set(exclude)
+        self.speakers = sorted(s for s in by_speaker if s not in excluded)
+        self._by_speaker = by_speaker
+        self._test = list(test)
+        if max_test_utterances > 0 and len(self._test) > max_test_utterances:
+            step = len(self._test) / max_test_utterances  # an even spread over speakers
+            self._test = [self._test[int(i * step)] for i in range(max_test_utterances)]
+        self._cache: OrderedDict[str, SpeechData] = OrderedDict()
+        self._cache_users = cache_users
+
+    @property
+    def num_users(self) -> int:
+        return len(self.speakers)
+
+    def speaker_data(self, speaker: str) -> SpeechData:
+        if speaker in self._cache:
+            self._cache.move_to_end(speaker)
+            return self._cache[speaker]
+        utts = self._by_speaker[speaker]
+        data = SpeechData(
+            [load_audio(u.audio) for u in utts], [u.text for u in utts], self.tokenizer
+        )
+        self._cache[speaker] = data
+        if len(self._cache) > self._cache_users:
+            self._cache.popitem(last=False)
+        return data
+
+    def user_data(self, user: int) -> SpeechData:
+        if not 0 <= int(user) < self.num_users:
+            raise IndexError(f"user {user} is not in the population of {self.num_users} speakers")
+        return self.speaker_data(self.speakers[int(user)])
+
+    def pooled_data(self, speakers: Sequence[str]) -> SpeechData:
+        """All utterances of ``speakers`` as one dataset (central training of a seed model)."""
+        utts = [u for s in speakers for u in self._by_speaker[s]]
+        return SpeechData(
+            [load_audio(u.audio) for u in utts], [u.text for u in utts], self.tokenizer
+        )
+
+    @functools.cached_property
+    def _test_data(self) -> SpeechData:
+        return SpeechData(
+            [load_audio(u.audio) for u in self._test], [u.text for u in self._test], self.tokenizer
+        )
+
+    def test_data(self) -> SpeechData:
+        return self._test_data
+
+
+def split_speakers(utterances: Sequence[Utterance], first: int) -> tuple[list[str], list[str]]:
+    """The first ``first`` speakers (sorted by id) and the rest."""
+    speakers = sorted({u.speaker for u in utterances})
+    if not 0 <= first < len(speakers):
+        raise ValueError(f"cannot hold out {first} of {len(speakers)} speakers")
+    return speakers[:first], speakers[first:]
+
+
+def total_hours(data: SpeechData) -> float:
+    return float(np.sum(data.durations)) / 3600

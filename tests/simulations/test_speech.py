@@ -1,0 +1,154 @@
+"""Speech data: the readers on generated LibriSpeech and Common Voice folders, bad folders,
+batching by seconds, and short real training runs (central and federated with DP)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dpfl.client.train import LocalTrainConfig, batches
+from dpfl.config import RunConfig
+from dpfl.simulations.speech import (
+    SpeechFederatedDataset,
+    load_audio,
+    read_common_voice,
+    read_librispeech,
+)
+from dpfl.simulations.speech_synth import espeak_available, generate_corpus
+
+if not espeak_available():  # CI and `make setup` install it; say so loudly elsewhere
+    pytest.fail("espeak-ng is required (apt-get install espeak-ng)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def libri(tmp_path_factory):
+    return generate_corpus(tmp_path_factory.mktemp("libri"), 4, 3, test_speakers=1, seed=1)
+
+
+@pytest.fixture(scope="session")
+def common_voice(tmp_path_factory):
+    # espeak-ng's native 22,050 Hz, as MP3: exercises decoding and resampling on load
+    return generate_corpus(
+        tmp_path_factory.mktemp("cv"), 3, 2, test_speakers=1, seed=2, layout="commonvoice",
+        sample_rate=None,
+    )
+
+
+def test_librispeech_reader(libri):
+    train, test = read_librispeech(libri, "train"), read_librispeech(libri, "test")
+    assert len(train) == 12 and len(test) == 3
+    assert sorted({u.speaker for u in train}) == ["1000", "1001", "1002", "1003"]
+    assert train[0].audio.name == "1000-1-0000.flac" and train[0].text.isupper()
+    ds = SpeechFederatedDataset(train, test)
+    assert ds.num_users == 4
+    data = ds.user_data(2)
+    assert len(data) == 3 and all(1.0 < d < 6.0 for d in data.durations)
+    batch = data.batch(torch.tensor([0, 2]))
+    assert batch["waves"].shape[0] == 2 and batch["lengths"].max() == batch["waves"].shape[1]
+    assert batch["target_lengths"].sum() == len(batch["targets"])
+    assert ds.tokenizer.decode(batch["targets"][: batch["target_lengths"][0]].tolist()) == (
+        batch["texts"][0]
+    )
+
+
+def test_common_voice_reader_resamples_to_16k(common_voice):
+    train = read_common_voice(common_voice, "train.tsv")
+    assert len(train) == 6 and train[0].speaker == "speaker1000"
+    wave = load_audio(train[0].audio)
+    import soundfile
+
+    native, rate = soundfile.read(str(train[0].audio))
+    assert rate != 16000
+    assert abs(len(wave) - len(native) * 16000 / rate) <= 2
+
+
+def test_bad_folders_name_the_file(libri, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(libri, bad)
+    trans = bad / "train" / "1001" / "1" / "1001-1.trans.txt"
+    lines = trans.read_text().splitlines()
+    trans.write_text("\n".join([lines[0], "garbage-line-without-text", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"1001-1.trans.txt:2: malformed transcript line"):
+        read_librispeech(bad, "train")
+    trans.write_text("\n".join(lines) + "\n")
+    (bad / "train" / "1002" / "1" / "1002-1-0001.flac").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1002-1-0001.flac is missing"):
+        read_librispeech(bad, "train")
+    with pytest.raises(FileNotFoundError, match="subset folder"):
+        read_librispeech(bad, "dev-clean")
+
+
+def test_bad_common_voice_table(common_voice, tmp_path):
+    bad = tmp_path / "cv"
+    shutil.copytree(common_voice, bad)
+    (bad / "train.tsv").write_text("client_id\tpath\nx\ty.mp3\n")
+    with pytest.raises(ValueError, match=r"train.tsv: missing column\(s\) sentence"):
+        read_common_voice(bad)
+    (bad / "train.tsv").write_text("client_id\tpath\tsentence\nx\tnope.mp3\thello\n")
+    with pytest.raises(FileNotFoundError, match=r"train.tsv:2: audio file .*nope.mp3 is missing"):
+        read_common_voice(bad)
+
+
+def test_batches_by_seconds_group_similar_lengths(libri):
+    ds = SpeechFederatedDataset(read_librispeech(libri, "train"), [])
+    data = ds.pooled_data(ds.speakers)
+    cfg = LocalTrainConfig(epochs=1, batch_seconds=7.0)
+    got = list(batches(data, cfg, torch.Generator().manual_seed(0)))
+    assert sorted(i for b in got for i in b.tolist()) == list(range(len(data)))
+    for b in got:
+        seconds = sum(data.durations[i] for i in b.tolist())
+        assert len(b) == 1 or seconds <= 7.0
+
+
+@pytest.fixture(scope="session")
+def asr_corpus(tmp_path_factory):
+    return generate_corpus(tmp_path_factory.mktemp("asr"), 16, 6, test_speakers=3, seed=3)
+
+
+def asr_config(corpus, run_dir, **over):
+    values = {
+        "task": "asr", "data-dir": str(corpus), "data-format": "librispeech",
+        "population": 8, "seed-speakers": 8, "cohort-size": 4.0, "batch-seconds": 15.0,
+        "asr-dropout": 0.1, "asr-layerdrop": 0.0, "run-dir": str(run_dir),
+        "max-test-utterances": 18,
+    }
+    values.update(over)
+    return RunConfig.from_mapping(values)
+
+
+def test_central_training_lowers_ctc_loss_and_cer(asr_corpus, tmp_path):
+    """About 40 s of CPU: 8 seed speakers, 300 Adam steps; CER on 3 unseen speakers < 0.75."""
+    from dpfl.simulations.central import train_central
+
+    cfg = asr_config(asr_corpus, tmp_path / "seed", **{"central-steps": 300})
+    summary = train_central(cfg, progress=False)
+    assert summary["initial"]["cer"] >= 0.95  # an untrained model gets nothing right
+    assert summary["final"]["loss"] < 0.6 * summary["initial"]["loss"]
+    assert summary["final"]["cer"] < 0.75
+    rows = [json.loads(x) for x in (tmp_path / "seed" / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert train_losses[-1] < train_losses[0]
+
+
+def test_federated_asr_with_dp_lowers_validation_loss(asr_corpus, tmp_path):
+    cfg = asr_config(
+        asr_corpus, tmp_path / "fl",
+        **{"rounds": 3, "local-steps": 5, "client-lr": 0.2, "client-grad-clip": 1.0,
+           "clip-norm": 0.01, "clip-scheme": "dim", "noise-multiplier": 0.0004,
+           "target-epsilon": 0.0, "delta": 1e-9, "server-optimizer": "lamb",
+           "server-lr": 0.02},
+    )
+    from dpfl.simulations.engine import simulate
+
+    summary = simulate(cfg, progress=False)
+    assert summary["final"]["loss"] < summary["initial"]["loss"]
+    assert summary["metric"] == "wer" and "cer" in summary["final"]
+    assert summary["privacy"]["epsilon"]["rdp"]["epsilon"] > 0
+
+
+def test_population_must_match_the_corpus(asr_corpus, tmp_path):
+    from dpfl.runs import build_dataset
+
+    with pytest.raises(ValueError, match="set population = 8"):
+        build_dataset(asr_config(asr_corpus, tmp_path, population=9))
