@@ -217,3 +217,33 @@ def test_bad_input_through_the_console_script():
     assert res.returncode == 2
     assert res.stderr.strip() == "dpfl: error: --sample-rate must be in (0, 1], got 2"
     assert res.stdout == ""
+
+
+def test_simulate_and_report_commands(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["simulate", "--quiet", "--population", "200", "--cohort-size", "20",
+                 "--rounds", "3", "--examples-per-user", "10", "--run-dir", str(run)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "accuracy:" in out and "epsilon:" in out and "Poisson sampling" in out
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "extrapolated" in out and (run / "metric.png").stat().st_size > 1000
+    assert (run / "epsilon.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["simulate", "--lerning-rate", "1"], "unrecognized arguments: --lerning-rate"),
+        (["simulate", "--server-optimizer", "adamm"], "server-optimizer = 'adamm'"),
+        (["simulate", "--cohort-size", "5000"], "cohort-size = 5000.0: expected a number in"),
+        (["simulate", "--config", "/nonexistent.toml"], "does not exist"),
+        (["central"], "dpfl central trains speech seed models"),
+        (["report", "/nonexistent-run"], "is not a finished dpfl run"),
+    ],
+)
+def test_run_commands_reject_bad_input_in_one_line(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
