@@ -90,6 +90,23 @@ class RunConfig:
     )
     central_steps: int = field(default=1000, metadata=_doc("dpfl central: training steps"))
     central_lr: float = field(default=1e-3, metadata=_doc("dpfl central: Adam learning rate"))
+    # --- visual localisation (task = "localization")
+    scenes_dir: str = field(
+        default="data/synthetic-scenes", metadata=_doc("localization: 7-Scenes-layout folder")
+    )
+    scenes: str = field(
+        default="", metadata=_doc("localization: scene names, comma-separated ('': synthetic)")
+    )
+    synthetic_scenes: int = field(default=3, metadata=_doc("synthetic scenes to render"))
+    scene_train_frames: int = field(default=60, metadata=_doc("synthetic: frames per scene"))
+    scene_test_frames: int = field(default=20, metadata=_doc("synthetic: test frames per scene"))
+    ofvl_adaptive: bool = field(
+        default=True, metadata=_doc("localization: layer-adaptive sharing (false: all shared)")
+    )
+    ofvl_score_init: float = field(default=0.6, metadata=_doc("localization: initial scores"))
+    ofvl_penalty: float = field(
+        default=1e-3, metadata=_doc("localization: weight of the L1 penalty on the scores")
+    )
     # --- rounds and cohorts
     rounds: int = field(default=40, metadata=_doc("planned number of rounds T"))
     cohort_size: float = field(
@@ -227,12 +244,21 @@ class RunConfig:
         for name in ("population", "rounds", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
-        for name in ("synthetic_speakers", "synthetic_utterances", "central_steps"):
+        for name in (
+            "synthetic_speakers",
+            "synthetic_utterances",
+            "central_steps",
+            "synthetic_scenes",
+            "scene_train_frames",
+            "scene_test_frames",
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
         for name in ("asr_dropout", "asr_layerdrop"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, "a number in [0, 1)")
+        if self.ofvl_penalty < 0:
+            raise bad("ofvl_penalty", "a number >= 0")
         if self.central_lr <= 0:
             raise bad("central_lr", "a number > 0")
         if self.batch_seconds < 0:

@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpfl.client.train import LocalTrainConfig, Weights, global_weights, load_weights
+from dpfl.client.train import (
+    LocalTrainConfig,
+    Weights,
+    global_weights,
+    load_weights,
+    private_weights,
+)
 from dpfl.config import RunConfig
 from dpfl.models.tasks import TASKS, ClassificationTask, Task
 from dpfl.privacy.accounting import (
@@ -60,7 +66,30 @@ def build_task(cfg: RunConfig) -> Task:
             layerdrop=cfg.asr_layerdrop,
             spec_augment=cfg.spec_augment,
         )
+    if cfg.task == "localization":
+        return TASKS["localization"](
+            adaptive=cfg.ofvl_adaptive, score_init=cfg.ofvl_score_init, penalty=cfg.ofvl_penalty
+        )
     return TASKS[cfg.task]()
+
+
+def scene_names(cfg: RunConfig) -> list[str]:
+    """The configured scenes, rendering the synthetic ones on first use."""
+    names = [s.strip() for s in cfg.scenes.split(",") if s.strip()]
+    if names:
+        return names
+    from dpfl.simulations.scenes import render_scene
+
+    names = [f"scene-{k}" for k in range(cfg.synthetic_scenes)]
+    for k, name in enumerate(names):
+        render_scene(
+            cfg.scenes_dir,
+            name,
+            seed=1000 * cfg.seed + k,
+            train_frames=cfg.scene_train_frames,
+            test_frames=cfg.scene_test_frames,
+        )
+    return names
 
 
 def speech_corpus(cfg: RunConfig):
@@ -106,6 +135,16 @@ def build_dataset(cfg: RunConfig) -> FederatedDataset:
                 f"config key population = {cfg.population}, but the corpus in {cfg.data_dir} "
                 f"has {dataset.num_users} speakers to federate ({cfg.seed_speakers} kept for "
                 f"the seed): set population = {dataset.num_users}"
+            )
+        return dataset
+    if cfg.task == "localization":
+        from dpfl.models.localization.task import SceneDataset
+
+        dataset = SceneDataset(cfg.scenes_dir, scene_names(cfg))
+        if dataset.num_users != cfg.population:
+            raise ValueError(
+                f"config key population = {cfg.population}, but there are {dataset.num_users} "
+                f"scenes (one client each): set population = {dataset.num_users}"
             )
         return dataset
     raise ValueError(f"no built-in dataset for task {cfg.task!r}")
@@ -305,12 +344,19 @@ class FederatedRun:
         self.test_data = self.dataset.test_data()
         self.noise = resolve_noise(cfg)
         self.spec = server_spec(cfg, self.noise)
-        self.state = ServerState(global_weights(self.model), self.spec, cfg.rounds)
+        # Parameters a task keeps on the client (scene-specific, FedBN-style) are never sent:
+        # the server holds the others; each client's private ones live in a store that costs
+        # nothing for clients never sampled.
+        self.private = getattr(self.task, "is_private", None)
+        self.initial_private = private_weights(self.model, self.private) if self.private else {}
+        self.private_store: dict[int, Weights] = {}
+        self.state = ServerState(global_weights(self.model, self.private), self.spec, cfg.rounds)
         if resume:
             ckpt = load_checkpoint(self.writer.checkpoint_path)
             if ckpt["config"] != cfg.to_dict():
                 raise ValueError("the run folder's checkpoint was written with a different config")
             self.state.load_state_dict(ckpt["server"])
+            self.private_store = ckpt.get("clients", {})
             replayed = self.writer.truncate_after(self.state.round)
             if replayed and self.state.noise.secure and self.spec.dp:
                 # Those rounds released noisy aggregates that fresh noise will not reproduce:
@@ -332,8 +378,30 @@ class FederatedRun:
         )
 
     def evaluate(self) -> dict[str, float]:
+        if self.private and hasattr(self.task, "evaluate_federated"):
+            # per client, with its private parameters (available in simulation only)
+            return self.task.evaluate_federated(
+                self.model,
+                self.dataset,
+                self.state.weights(),
+                self.private_store.get,
+                load_weights,
+            )
         load_weights(self.model, self.state.weights())
         return self.task.evaluate(self.model, self.test_data)
+
+    def load_client(self, user: int) -> None:
+        """Put ``user``'s private parameters into the workspace model (first time: fresh)."""
+        if not self.private:
+            return
+        stored = self.private_store.get(user)
+        load_weights(self.model, stored if stored is not None else self.initial_private)
+        if stored is None and hasattr(self.task, "prepare_private"):
+            self.task.prepare_private(self.model, self.dataset.user_data(user))
+
+    def keep_client(self, user: int) -> None:
+        if self.private:
+            self.private_store[user] = private_weights(self.model, self.private)
 
     def _over_budget(self) -> bool:
         cfg, spec = self.cfg, self.spec
@@ -391,7 +459,11 @@ class FederatedRun:
                 if cfg.checkpoint_every and round_number % cfg.checkpoint_every == 0:
                     save_checkpoint(
                         self.writer.checkpoint_path,
-                        {"config": cfg.to_dict(), "server": state.state_dict()},
+                        {
+                            "config": cfg.to_dict(),
+                            "server": state.state_dict(),
+                            "clients": self.private_store,
+                        },
                     )
                 bar.update(metrics, self.task.metric)
         finally:

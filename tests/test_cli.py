@@ -221,8 +221,22 @@ def test_bad_input_through_the_console_script():
 
 def test_simulate_and_report_commands(tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["simulate", "--quiet", "--population", "200", "--cohort-size", "20",
-                 "--rounds", "3", "--examples-per-user", "10", "--run-dir", str(run)])
+    code = main(
+        [
+            "simulate",
+            "--quiet",
+            "--population",
+            "200",
+            "--cohort-size",
+            "20",
+            "--rounds",
+            "3",
+            "--examples-per-user",
+            "10",
+            "--run-dir",
+            str(run),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "accuracy:" in out and "epsilon:" in out and "Poisson sampling" in out

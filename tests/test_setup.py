@@ -66,7 +66,9 @@ def test_paper_config_is_the_papers_recipe():
     assert (cfg.local_steps, cfg.client_lr, cfg.client_grad_clip) == (10, 0.2, 1.0)
     assert (cfg.server_optimizer, cfg.server_lr, cfg.server_eps) == ("lamb", 0.002, 1e-6)
     assert (cfg.server_schedule, cfg.server_schedule_step_size, cfg.server_schedule_gamma) == (
-        "step", 750, 0.6,
+        "step",
+        750,
+        0.6,
     )
     assert (cfg.cohort_size, cfg.rounds, cfg.delta, cfg.batch_seconds) == (1024, 2000, 1e-9, 120)
     assert sigma_dp_from_noise_multiplier(cfg.noise_multiplier, cfg.cohort_size) == 1e-5

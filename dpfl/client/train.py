@@ -67,12 +67,20 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def global_weights(model: nn.Module) -> Weights:
-    """A detached float32 copy of the trainable parameters: what the server federates."""
+def global_weights(model: nn.Module, private=None) -> Weights:
+    """A detached float32 copy of the trainable parameters the server federates: all of them,
+    or those for which ``private(name)`` is false."""
     return {
         n: p.detach().to(torch.float32).clone()
         for n, p in model.named_parameters()
-        if p.requires_grad
+        if p.requires_grad and not (private is not None and private(n))
+    }
+
+
+def private_weights(model: nn.Module, private) -> Weights:
+    """A copy of the trainable parameters that stay on the client (``private(name)`` true)."""
+    return {
+        n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and private(n)
     }
 
 
@@ -171,10 +179,12 @@ def local_update(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             losses.append(loss.item())
+    # The delta covers the parameters the server sent; others (a client's private,
+    # scene-specific or FedBN-style parameters) are trained too but stay in the model.
     delta = {
         n: p.detach().to(torch.float32) - weights[n].to(device=device, dtype=torch.float32)
         for n, p in model.named_parameters()
-        if p.requires_grad
+        if n in weights
     }
     stats = None
     if clip is not None:

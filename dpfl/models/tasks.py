@@ -114,4 +114,14 @@ def _asr_task(**kwargs) -> Task:
     return ASRTask(**kwargs)
 
 
-TASKS: dict[str, Callable[..., Task]] = {"classification": ClassificationTask, "asr": _asr_task}
+def _localization_task(**kwargs) -> Task:
+    from dpfl.models.localization.task import LocalizationTask
+
+    return LocalizationTask(**kwargs)
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "classification": ClassificationTask,
+    "asr": _asr_task,
+    "localization": _localization_task,
+}

@@ -45,6 +45,7 @@ def simulate(
         losses, norms, clipped, failed = [], [], 0, 0
         for user in cohort:
             user = int(user)
+            run.load_client(user)
             try:
                 res = local_update(
                     run.model,
@@ -59,6 +60,7 @@ def simulate(
                 failed += 1
                 log.warning("user %d failed in round %d: %s", user, round_number, err)
                 continue
+            run.keep_client(user)
             agg.add({n: d.cpu() for n, d in res.delta.items()})
             if cfg.diagnostics:
                 losses.append(res.train_loss)

@@ -30,7 +30,12 @@ def libri(tmp_path_factory):
 def common_voice(tmp_path_factory):
     # espeak-ng's native 22,050 Hz, as MP3: exercises decoding and resampling on load
     return generate_corpus(
-        tmp_path_factory.mktemp("cv"), 3, 2, test_speakers=1, seed=2, layout="commonvoice",
+        tmp_path_factory.mktemp("cv"),
+        3,
+        2,
+        test_speakers=1,
+        seed=2,
+        layout="commonvoice",
         sample_rate=None,
     )
 
@@ -47,8 +52,9 @@ def test_librispeech_reader(libri):
     batch = data.batch(torch.tensor([0, 2]))
     assert batch["waves"].shape[0] == 2 and batch["lengths"].max() == batch["waves"].shape[1]
     assert batch["target_lengths"].sum() == len(batch["targets"])
-    assert ds.tokenizer.decode(batch["targets"][: batch["target_lengths"][0]].tolist()) == (
-        batch["texts"][0]
+    assert (
+        ds.tokenizer.decode(batch["targets"][: batch["target_lengths"][0]].tolist())
+        == (batch["texts"][0])
     )
 
 
@@ -108,9 +114,16 @@ def asr_corpus(tmp_path_factory):
 
 def asr_config(corpus, run_dir, **over):
     values = {
-        "task": "asr", "data-dir": str(corpus), "data-format": "librispeech",
-        "population": 8, "seed-speakers": 8, "cohort-size": 4.0, "batch-seconds": 15.0,
-        "asr-dropout": 0.1, "asr-layerdrop": 0.0, "run-dir": str(run_dir),
+        "task": "asr",
+        "data-dir": str(corpus),
+        "data-format": "librispeech",
+        "population": 8,
+        "seed-speakers": 8,
+        "cohort-size": 4.0,
+        "batch-seconds": 15.0,
+        "asr-dropout": 0.1,
+        "asr-layerdrop": 0.0,
+        "run-dir": str(run_dir),
         "max-test-utterances": 18,
     }
     values.update(over)
@@ -133,11 +146,21 @@ def test_central_training_lowers_ctc_loss_and_cer(asr_corpus, tmp_path):
 
 def test_federated_asr_with_dp_lowers_validation_loss(asr_corpus, tmp_path):
     cfg = asr_config(
-        asr_corpus, tmp_path / "fl",
-        **{"rounds": 3, "local-steps": 5, "client-lr": 0.2, "client-grad-clip": 1.0,
-           "clip-norm": 0.01, "clip-scheme": "dim", "noise-multiplier": 0.0004,
-           "target-epsilon": 0.0, "delta": 1e-9, "server-optimizer": "lamb",
-           "server-lr": 0.02},
+        asr_corpus,
+        tmp_path / "fl",
+        **{
+            "rounds": 3,
+            "local-steps": 5,
+            "client-lr": 0.2,
+            "client-grad-clip": 1.0,
+            "clip-norm": 0.01,
+            "clip-scheme": "dim",
+            "noise-multiplier": 0.0004,
+            "target-epsilon": 0.0,
+            "delta": 1e-9,
+            "server-optimizer": "lamb",
+            "server-lr": 0.02,
+        },
     )
     from dpfl.simulations.engine import simulate
 

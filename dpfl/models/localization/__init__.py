@@ -1,0 +1,1 @@
+"""Multi-scene visual localisation (OFVL-MS) as federated multi-task learning."""
