@@ -73,3 +73,10 @@ def test_paper_config_is_the_papers_recipe():
     assert (cfg.cohort_size, cfg.rounds, cfg.delta, cfg.batch_seconds) == (1024, 2000, 1e-9, 120)
     assert sigma_dp_from_noise_multiplier(cfg.noise_multiplier, cfg.cohort_size) == 1e-5
     RunConfig.from_toml(ROOT / "configs" / "asr-synthetic.toml")  # parses
+
+
+def test_every_config_file_parses():
+    from dpfl.config import RunConfig
+
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        RunConfig.from_toml(path)

@@ -14,11 +14,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfl.client.train import local_update
+from dpfl.client.train import load_weights, local_update, private_weights
 from dpfl.config import RunConfig
 from dpfl.runs import build_dataset, build_task, client_seed, local_config, pick_device
 
 USER_KEY = "partition-id"
+PRIVATE_KEY = "dpfl-private-parameters"
 
 app = ClientApp()
 
@@ -50,9 +51,17 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def handle_train(
-    values: dict, weights: dict[str, torch.Tensor], node_config: dict
-) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
-    """The body of the train handler, without Flower types: (delta, metrics) for this node."""
+    values: dict,
+    weights: dict[str, torch.Tensor],
+    node_config: dict,
+    private: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float | int], dict[str, torch.Tensor]]:
+    """The body of the train handler, without Flower types.
+
+    Returns (delta, metrics, private): ``private`` holds the parameters the task keeps on the
+    client (e.g. OFVL-MS's scene-specific ones), to be passed back in the next round; it never
+    leaves the node.
+    """
     values = dict(values)
     round_number = int(values.pop("server-round"))
     cfg = RunConfig.from_mapping(values)
@@ -60,6 +69,14 @@ def handle_train(
         raise ValueError(f"this node has no {USER_KEY!r} in its node config")
     user = int(node_config[USER_KEY])
     task, model, dataset, device = _workspace_for(cfg)
+    is_private = getattr(task, "is_private", None)
+    if is_private is not None:
+        if private:
+            load_weights(model, private)
+        else:
+            load_weights(model, private_weights(task.build_model(), is_private))
+            if hasattr(task, "prepare_private"):
+                task.prepare_private(model, dataset.user_data(user))
     clip = cfg.clip_config() if cfg.clip_location == "client" else None
     res = local_update(
         model,
@@ -76,16 +93,26 @@ def handle_train(
         if res.clip_stats is not None:
             metrics["diag-update-norm"] = res.clip_stats.norm
             metrics["diag-clipped"] = int(res.clip_stats.clipped)
-    return {n: d.cpu() for n, d in res.delta.items()}, metrics
+    kept = private_weights(model, is_private) if is_private is not None else {}
+    return (
+        {n: d.cpu() for n, d in res.delta.items()},
+        metrics,
+        {n: t.cpu() for n, t in kept.items()},
+    )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    delta, metrics = handle_train(
+    stored = context.state.get(PRIVATE_KEY)
+    delta, metrics, private = handle_train(
         dict(msg.content["config"]),
         msg.content["arrays"].to_torch_state_dict(),
         dict(context.node_config),
+        stored.to_torch_state_dict() if stored is not None else None,
     )
+    if private:
+        # kept in the node's state between rounds of this run; never sent
+        context.state[PRIVATE_KEY] = ArrayRecord(private)
     return Message(
         content=RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord(metrics)}),
         reply_to=msg,

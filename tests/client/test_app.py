@@ -16,19 +16,19 @@ def message_values(**over):
 
 def test_client_app_sends_only_a_clipped_delta_and_no_diagnostics_when_off():
     values, weights = message_values(diagnostics=False, **{"clip-norm": 0.05})
-    delta, metrics = handle_train(values, weights, {"partition-id": 2})
+    delta, metrics, private = handle_train(values, weights, {"partition-id": 2})
     norm = torch.cat([d.reshape(-1) for d in delta.values()]).norm().item()
     assert norm <= 0.05 * (1 + 1e-6)
     assert set(delta) == set(weights) and all(d.dtype == torch.float32 for d in delta.values())
-    assert metrics == {"num-examples": 50}
+    assert metrics == {"num-examples": 50} and private == {}
 
 
 def test_client_app_diagnostics_when_asked_and_server_side_clipping():
     values, weights = message_values(diagnostics=True, **{"clip-location": "server"})
-    delta, metrics = handle_train(values, weights, {"partition-id": 0})
+    delta, metrics, _ = handle_train(values, weights, {"partition-id": 0})
     assert "diag-train-loss" in metrics and "diag-update-norm" not in metrics
     values, weights = message_values(diagnostics=True)
-    _, metrics = handle_train(values, weights, {"partition-id": 0})
+    _, metrics, _ = handle_train(values, weights, {"partition-id": 0})
     assert metrics["diag-update-norm"] > 0
 
 
