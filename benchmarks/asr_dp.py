@@ -48,6 +48,12 @@ def main() -> None:
     parser.add_argument("--cohort", type=float, default=16.0)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--server-lr", type=float, default=0.005)
+    parser.add_argument(
+        "--noise-scales",
+        default=",".join(f"{x:g}" for x in NOISE_SCALES),
+        help="sigma_DP x sqrt(parameters) values to run (0: no noise)",
+    )
+    parser.add_argument("--seed-model", help="reuse this seed model.pt instead of training one")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,10 +92,13 @@ def main() -> None:
             "diagnostics": False,
         }
     )
-    seed_dir = out / "seed"
-    seed_cfg = RunConfig.from_mapping({"run-dir": str(seed_dir), "batch-seconds": 30.0}, base)
+    seed_dir = Path(args.seed_model).parent if args.seed_model else out / "seed"
     t0 = time.perf_counter()
-    seed = train_central(seed_cfg, progress=False)
+    if args.seed_model:
+        seed = json.loads((seed_dir / "summary.json").read_text())
+    else:
+        seed_cfg = RunConfig.from_mapping({"run-dir": str(seed_dir), "batch-seconds": 30.0}, base)
+        seed = train_central(seed_cfg, progress=False)
     print(
         f"seed: {seed['speakers']} speakers, {seed['hours']:.2f} h, WER {seed['final']['wer']:.3f}"
         f" CER {seed['final']['cer']:.3f} ({time.perf_counter() - t0:.0f} s)",
@@ -100,7 +109,7 @@ def main() -> None:
 
     params = sum(t.numel() for t in torch.load(seed_dir / "model.pt", weights_only=True).values())
     rows = []
-    for scale in NOISE_SCALES:
+    for scale in [float(x) for x in args.noise_scales.split(",")]:
         sigma_dp = scale / math.sqrt(params)
         for scheme in CLIP_SCHEMES:
             t0 = time.perf_counter()
