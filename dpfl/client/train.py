@@ -68,19 +68,22 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def global_weights(model: nn.Module, private=None) -> Weights:
-    """A detached float32 copy of the trainable parameters the server federates: all of them,
-    or those for which ``private(name)`` is false."""
+    """A detached float32 CPU copy of the trainable parameters the server federates: all of
+    them, or those for which ``private(name)`` is false."""
     return {
-        n: p.detach().to(torch.float32).clone()
+        n: p.detach().to("cpu", torch.float32, copy=True)
         for n, p in model.named_parameters()
         if p.requires_grad and not (private is not None and private(n))
     }
 
 
 def private_weights(model: nn.Module, private) -> Weights:
-    """A copy of the trainable parameters that stay on the client (``private(name)`` true)."""
+    """A CPU copy of the trainable parameters that stay on the client (``private(name)`` true):
+    stored per user, so it must not hold accelerator memory."""
     return {
-        n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and private(n)
+        n: p.detach().to("cpu", copy=True)
+        for n, p in model.named_parameters()
+        if p.requires_grad and private(n)
     }
 
 
@@ -190,7 +193,7 @@ def local_update(
     if clip is not None:
         delta, stats = clip_update(delta, clip, reference={n: w.shape for n, w in weights.items()})
     return LocalResult(
-        delta=delta,
+        delta={n: d.cpu() for n, d in delta.items()},  # what leaves the client lives on the CPU
         num_examples=len(data),
         steps=len(losses),
         train_loss=float(sum(losses) / len(losses)) if losses else math.nan,

@@ -144,7 +144,9 @@ class ServerState:
         self.spec = spec
         self.total_rounds = total_rounds
         self.params = {
-            n: torch.nn.Parameter(w.detach().clone().float()) for n, w in weights.items()
+            # the server's state lives on the CPU whatever device the clients train on
+            n: torch.nn.Parameter(w.detach().to("cpu", torch.float32, copy=True))
+            for n, w in weights.items()
         }
         self.optimizer = make_optimizer(
             spec.optimizer, list(self.params.values()), spec.lr, spec.options

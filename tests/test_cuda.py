@@ -1,0 +1,58 @@
+"""Runs on CUDA: skipped where no GPU is (CI has none); run them on a GPU machine with
+``pytest tests/test_cuda.py``. The CPU suite covers the same code paths on the CPU."""
+
+import pytest
+import torch
+
+from dpfl.config import RunConfig
+from dpfl.simulations.engine import simulate
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _run(tmp_path, device: str, **over):
+    values = {
+        "population": 200,
+        "cohort-size": 40,
+        "rounds": 6,
+        "examples-per-user": 20,
+        "server-lr": 0.1,
+        "noise-multiplier": 0.5,
+        "target-epsilon": 0.0,
+        "noise-seed": 7,
+        "device": device,
+        "run-dir": str(tmp_path / device),
+        **over,
+    }
+    cfg = RunConfig.from_mapping(values)
+    return simulate(cfg, progress=False), torch.load(tmp_path / device / "model.pt")
+
+
+def test_a_private_run_on_cuda_matches_the_cpu_run(tmp_path):
+    gpu, gpu_model = _run(tmp_path, "cuda")
+    cpu, cpu_model = _run(tmp_path, "cpu")
+    assert gpu["device"].startswith("cuda")
+    assert gpu["privacy"]["text"] == cpu["privacy"]["text"]
+    assert abs(gpu["final"]["accuracy"] - cpu["final"]["accuracy"]) < 0.02
+    for name, w in cpu_model.items():
+        assert gpu_model[name].device.type == "cpu"
+        torch.testing.assert_close(gpu_model[name], w, atol=1e-3, rtol=1e-3)
+
+
+def test_private_parameters_are_stored_on_the_cpu(tmp_path):
+    from dpfl.runs import load_checkpoint
+
+    cfg = RunConfig.from_mapping({
+        "task": "localization", "scenes-dir": str(tmp_path / "sc"), "synthetic-scenes": 2,
+        "scene-train-frames": 8, "scene-test-frames": 2, "population": 2, "cohort-size": 2.0,
+        "rounds": 2, "local-epochs": 1, "batch-size": 4, "client-optimizer": "adam",
+        "client-lr": 0.003, "clip-norm": 1.0, "clip-scheme": "dim", "clip-mode": "normalize",
+        "noise-multiplier": 0.0, "target-epsilon": 0.0, "server-optimizer": "sgd",
+        "server-lr": 1.0, "eval-every": 2, "checkpoint-every": 1, "device": "cuda",
+        "run-dir": str(tmp_path / "run"),
+    })  # fmt: skip
+    summary = simulate(cfg, progress=False)
+    assert summary["rounds_run"] == 2 and summary["device"].startswith("cuda")
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    stored = [t for user in ckpt["clients"].values() for t in user.values()]
+    assert stored and all(t.device.type == "cpu" for t in stored)
