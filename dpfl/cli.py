@@ -458,9 +458,14 @@ def _add_config_keys(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", help="TOML file of config keys (flags override it)")
     keys = p.add_argument_group("config keys")
+    aliases = {"client-optimizer": ["--optimizer"]}  # short forms of common keys
     for key, default, doc in RunConfig.describe_defaults():
         keys.add_argument(
-            f"--{key}", metavar="V", dest=f"key:{key}", help=f"{doc} (default: {default})"
+            f"--{key}",
+            *aliases.get(key, []),
+            metavar="V",
+            dest=f"key:{key}",
+            help=f"{doc} (default: {default})",
         )
 
 

@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling": SAMPLINGS,
     "device": ("auto", "cpu", "cuda"),
     "asr_arch": ("transformer", "conformer"),
+    "norm_stats": ("client", "server"),
     "asr_size": ("tiny", "small", "paper"),
     "data_format": ("synthetic", "librispeech", "commonvoice"),
 }
@@ -107,6 +108,25 @@ class RunConfig:
     ofvl_penalty: float = field(
         default=1e-3, metadata=_doc("localization: weight of the L1 penalty on the scores")
     )
+    # --- normalisation layers (dpfl.models.normalization)
+    norm: str = field(
+        default="",
+        metadata=_doc(
+            "normalisation layers by name ('': the model's own: none for the MLP, layernorm "
+            "for asr, groupnorm for localization)"
+        ),
+    )
+    norm_stats: str = field(
+        default="client",
+        metadata=_doc(
+            "running statistics of norm layers: client (kept per user, FedBN-style) or server "
+            "(aggregated: part of the clipped, noised update)"
+        ),
+    )
+    norm_warmup: int = field(
+        default=4000, metadata=_doc("powernorm/unified: steps on batch statistics first")
+    )
+    norm_groups: int = field(default=4, metadata=_doc("groupnorm/evonorm-s0/bcn-ws: groups"))
     # --- rounds and cohorts
     rounds: int = field(default=40, metadata=_doc("planned number of rounds T"))
     cohort_size: float = field(
@@ -122,6 +142,10 @@ class RunConfig:
     client_optimizer: str = field(default="sgd", metadata=_doc("local optimizer (registry name)"))
     client_lr: float = field(default=0.1, metadata=_doc("local learning rate"))
     client_momentum: float = field(default=0.0, metadata=_doc("local momentum (SGD-like)"))
+    client_beta1: float = field(default=0.9, metadata=_doc("local beta1 (Adam-like)"))
+    client_beta2: float = field(default=0.999, metadata=_doc("local beta2 (Adam-like)"))
+    client_eps: float = field(default=1e-8, metadata=_doc("local epsilon (Adam-like)"))
+    client_weight_decay: float = field(default=0.0, metadata=_doc("local weight decay"))
     client_grad_clip: float = field(
         default=0.0, metadata=_doc("per-step gradient-norm clip in local training (0: off)")
     )
@@ -205,7 +229,13 @@ class RunConfig:
         return ClipConfig(self.clip_norm, self.clip_scheme, self.clip_mode)
 
     def client_options(self) -> OptimizerOptions:
-        return OptimizerOptions(momentum=self.client_momentum)
+        return OptimizerOptions(
+            momentum=self.client_momentum,
+            beta1=self.client_beta1,
+            beta2=self.client_beta2,
+            eps=self.client_eps,
+            weight_decay=self.client_weight_decay,
+        )
 
     def server_options(self) -> OptimizerOptions:
         return OptimizerOptions(
@@ -222,6 +252,40 @@ class RunConfig:
             gamma=self.server_schedule_gamma,
             warmup_steps=self.server_warmup_steps,
         )
+
+    def norm_name(self) -> str:
+        """The configured normalisation, or the task model's own."""
+        if self.norm:
+            return self.norm
+        return {"asr": "layernorm", "localization": "groupnorm"}.get(self.task, "none")
+
+    def norm_options(self):
+        from dpfl.models.normalization import NormOptions
+
+        return NormOptions(warmup=self.norm_warmup, groups=self.norm_groups)
+
+    def _check_norm(self) -> None:
+        from dpfl.models.normalization import NORMS, norm_entry
+
+        name = self.norm_name()
+        if name == "none" and self.task == "classification":
+            return
+        known = "'' (the model's own), " + ", ".join(sorted(NORMS))
+        if name not in NORMS:
+            raise ValueError(f"config key norm = {self.norm!r}: expected one of {known}")
+        model, layout = {
+            "asr": ("the ASR transformer", "last"),
+            "localization": ("the localisation net", "channels"),
+        }.get(self.task, ("the MLP", "last"))
+        if self.task == "asr" and self.asr_arch == "conformer" and name != "layernorm":
+            raise ValueError(
+                f"config key norm = {self.norm!r}: the Conformer keeps torchaudio's own "
+                "normalisation; expected '' or 'layernorm' (or asr-arch = 'transformer')"
+            )
+        try:
+            norm_entry(name, layout, model)
+        except ValueError as e:
+            raise ValueError(f"config key norm = {self.norm!r}: {e}") from None
 
     # --- validation
     def validate(self) -> None:
@@ -259,6 +323,11 @@ class RunConfig:
                 raise bad(name, "a number in [0, 1)")
         if self.ofvl_penalty < 0:
             raise bad("ofvl_penalty", "a number >= 0")
+        if self.norm_warmup < 0:
+            raise bad("norm_warmup", "an integer >= 0")
+        if self.norm_groups < 1:
+            raise bad("norm_groups", "an integer >= 1")
+        self._check_norm()
         if self.central_lr <= 0:
             raise bad("central_lr", "a number > 0")
         if self.batch_seconds < 0:
@@ -301,6 +370,7 @@ class RunConfig:
                 raise bad(name, "a number > 0")
         for name in (
             "client_momentum",
+            "client_weight_decay",
             "client_grad_clip",
             "noise_multiplier",
             "target_epsilon",

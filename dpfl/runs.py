@@ -23,6 +23,7 @@ import torch
 from dpfl.client.train import (
     LocalTrainConfig,
     Weights,
+    federated_split,
     global_weights,
     load_weights,
     private_weights,
@@ -56,8 +57,9 @@ def client_seed(seed: int, round_number: int, user: int) -> int:
 
 
 def build_task(cfg: RunConfig) -> Task:
+    norm = {"norm": cfg.norm_name(), "norm_options": cfg.norm_options()}
     if cfg.task == "classification":
-        return ClassificationTask(hidden=cfg.hidden_sizes)
+        return ClassificationTask(hidden=cfg.hidden_sizes, **norm)
     if cfg.task == "asr":
         return TASKS["asr"](
             arch=cfg.asr_arch,
@@ -65,10 +67,14 @@ def build_task(cfg: RunConfig) -> Task:
             dropout=cfg.asr_dropout,
             layerdrop=cfg.asr_layerdrop,
             spec_augment=cfg.spec_augment,
+            **norm,
         )
     if cfg.task == "localization":
         return TASKS["localization"](
-            adaptive=cfg.ofvl_adaptive, score_init=cfg.ofvl_score_init, penalty=cfg.ofvl_penalty
+            adaptive=cfg.ofvl_adaptive,
+            score_init=cfg.ofvl_score_init,
+            penalty=cfg.ofvl_penalty,
+            **norm,
         )
     return TASKS[cfg.task]()
 
@@ -347,10 +353,17 @@ class FederatedRun:
         # Parameters a task keeps on the client (scene-specific, FedBN-style) are never sent:
         # the server holds the others; each client's private ones live in a store that costs
         # nothing for clients never sampled.
-        self.private = getattr(self.task, "is_private", None)
-        self.initial_private = private_weights(self.model, self.private) if self.private else {}
+        # Running statistics of norm layers stay there too with norm-stats = "client"; with
+        # "server" they are sent with the update and the server averages them (no optimizer).
+        self.private, self.buffers = federated_split(self.task, self.model, cfg.norm_stats)
+        self.initial_private = (
+            private_weights(self.model, self.private, self.buffers) if self.private else {}
+        )
         self.private_store: dict[int, Weights] = {}
-        self.state = ServerState(global_weights(self.model, self.private), self.spec, cfg.rounds)
+        sent = global_weights(self.model, self.private, self.buffers)
+        self.state = ServerState(
+            sent, self.spec, cfg.rounds, averaged=frozenset(self.buffers) & set(sent)
+        )
         if resume:
             ckpt = load_checkpoint(self.writer.checkpoint_path)
             if ckpt["config"] != cfg.to_dict():
@@ -388,6 +401,17 @@ class FederatedRun:
                 load_weights,
             )
         load_weights(self.model, self.state.weights())
+        kept_stats = [b for b in self.buffers if self.private and self.private(b)]
+        if kept_stats:
+            # Norm statistics kept by the clients: the simulator evaluates the global model
+            # with their mean over the users trained so far (a simulation-only diagnostic; a
+            # deployed server never sees them). Before any user trained: the initial ones.
+            stored = [u for u in self.private_store.values() if kept_stats[0] in u]
+            source = stored or [self.initial_private]
+            load_weights(
+                self.model,
+                {b: torch.stack([u[b].float() for u in source]).mean(0) for b in kept_stats},
+            )
         return self.task.evaluate(self.model, self.test_data)
 
     def load_client(self, user: int) -> None:
@@ -401,7 +425,7 @@ class FederatedRun:
 
     def keep_client(self, user: int) -> None:
         if self.private:
-            self.private_store[user] = private_weights(self.model, self.private)
+            self.private_store[user] = private_weights(self.model, self.private, self.buffers)
 
     def _over_budget(self) -> bool:
         cfg, spec = self.cfg, self.spec

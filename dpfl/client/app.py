@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfl.client.train import load_weights, local_update, private_weights
+from dpfl.client.train import federated_split, load_weights, local_update, private_weights
 from dpfl.config import RunConfig
 from dpfl.runs import build_dataset, build_task, client_seed, local_config, pick_device
 
@@ -69,12 +69,12 @@ def handle_train(
         raise ValueError(f"this node has no {USER_KEY!r} in its node config")
     user = int(node_config[USER_KEY])
     task, model, dataset, device = _workspace_for(cfg)
-    is_private = getattr(task, "is_private", None)
+    is_private, buffers = federated_split(task, model, cfg.norm_stats)
     if is_private is not None:
         if private:
             load_weights(model, private)
         else:
-            load_weights(model, private_weights(task.build_model(), is_private))
+            load_weights(model, private_weights(task.build_model(), is_private, buffers))
             if hasattr(task, "prepare_private"):
                 task.prepare_private(model, dataset.user_data(user))
     clip = cfg.clip_config() if cfg.clip_location == "client" else None
@@ -93,7 +93,7 @@ def handle_train(
         if res.clip_stats is not None:
             metrics["diag-update-norm"] = res.clip_stats.norm
             metrics["diag-clipped"] = int(res.clip_stats.clipped)
-    kept = private_weights(model, is_private) if is_private is not None else {}
+    kept = private_weights(model, is_private, buffers) if is_private is not None else {}
     return (
         {n: d.cpu() for n, d in res.delta.items()},
         metrics,

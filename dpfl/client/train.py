@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dpfl.models.normalization import project_weights
 from dpfl.models.optimizers import OptimizerOptions, make_optimizer
 from dpfl.models.tasks import ClientData, Task
 from dpfl.privacy.clipping import ClipConfig, ClipStats, clip_update
@@ -67,34 +68,70 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def global_weights(model: nn.Module, private=None) -> Weights:
-    """A detached float32 CPU copy of the trainable parameters the server federates: all of
-    them, or those for which ``private(name)`` is false."""
+def global_weights(model: nn.Module, private=None, buffers=()) -> Weights:
+    """A detached float32 CPU copy of the tensors the server federates: the trainable
+    parameters (all, or those for which ``private(name)`` is false) and the named ``buffers``
+    (running statistics the server aggregates) that are not private."""
+    keep = set(buffers)
     return {
-        n: p.detach().to("cpu", torch.float32, copy=True)
-        for n, p in model.named_parameters()
-        if p.requires_grad and not (private is not None and private(n))
+        n: t.detach().to("cpu", torch.float32, copy=True)
+        for n, t in _tensors(model)
+        if (n in keep or isinstance(t, nn.Parameter) and t.requires_grad)
+        and not (private is not None and private(n))
     }
 
 
-def private_weights(model: nn.Module, private) -> Weights:
-    """A CPU copy of the trainable parameters that stay on the client (``private(name)`` true):
-    stored per user, so it must not hold accelerator memory."""
+def private_weights(model: nn.Module, private, buffers=()) -> Weights:
+    """A CPU copy of what stays on the client (``private(name)`` true): trainable parameters
+    and the named ``buffers``. Stored per user, so it must not hold accelerator memory."""
+    keep = set(buffers)
     return {
-        n: p.detach().to("cpu", copy=True)
-        for n, p in model.named_parameters()
-        if p.requires_grad and private(n)
+        n: t.detach().to("cpu", copy=True)
+        for n, t in _tensors(model)
+        if (n in keep or isinstance(t, nn.Parameter) and t.requires_grad) and private(n)
     }
+
+
+def federated_split(task, model: nn.Module, norm_stats: str = "client"):
+    """(private, buffers) for :func:`global_weights` and :func:`private_weights`: what stays
+    on the client and which buffers travel at all.
+
+    ``private``: a predicate over tensor names, or None when everything trainable is sent. It
+    covers the task's own private parameters (``task.is_private``, e.g. OFVL-MS's scene-specific
+    ones) and, with ``norm_stats = "client"``, the running statistics of normalisation layers
+    (FedBN-style). With ``norm_stats = "server"`` the running statistics are sent as part of the
+    update (clipped and noised with it) unless the task keeps their layer private.
+    """
+    from dpfl.models.normalization import running_stat_names
+
+    if norm_stats not in ("client", "server"):
+        raise ValueError(f"norm_stats must be client or server, got {norm_stats!r}")
+    task_private = getattr(task, "is_private", None)
+    buffers = running_stat_names(model)
+    stats = frozenset(buffers) if norm_stats == "client" else frozenset()
+    if task_private is None and not stats:
+        return None, buffers
+
+    def private(name: str) -> bool:
+        return name in stats or (task_private is not None and task_private(name))
+
+    return private, buffers
+
+
+def _tensors(model: nn.Module):
+    yield from model.named_parameters()
+    yield from model.named_buffers()
 
 
 def load_weights(model: nn.Module, weights: Weights) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
+    """Copy ``weights`` (parameters and buffers, by name) into ``model``."""
+    tensors = dict(_tensors(model))
+    missing = [n for n in weights if n not in tensors]
     if missing:
         raise ValueError(f"weights for unknown parameters: {missing[:5]}")
     with torch.no_grad():
         for n, w in weights.items():
-            params[n].copy_(w)
+            tensors[n].copy_(w)
 
 
 def _epoch(data: ClientData, cfg: LocalTrainConfig, generator: torch.Generator):
@@ -181,12 +218,13 @@ def local_update(
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            project_weights(model)  # Normalize-and-Project (no-op for other models)
             losses.append(loss.item())
     # The delta covers the parameters the server sent; others (a client's private,
     # scene-specific or FedBN-style parameters) are trained too but stay in the model.
     delta = {
         n: p.detach().to(torch.float32) - weights[n].to(device=device, dtype=torch.float32)
-        for n, p in model.named_parameters()
+        for n, p in _tensors(model)
         if n in weights
     }
     stats = None

@@ -1,8 +1,9 @@
 """Optimizers and learning-rate schedules by name: one registry for the server and the clients.
 
 The server uses it for the step on the (noisy) average delta, the client for local training.
-Every entry is built from torch or ``pytorch-optimizer``; nothing here is hand-written math.
-Issue [5/8] adds the client-side catalogue (AdamP, Lion, diffGrad, ...) to these same registries.
+Entries come from torch or ``pytorch-optimizer`` (imported lazily), each checked against its
+paper; where the library departs from the paper the entry's description says how. AuON is not
+in either library and is written here (:class:`AuON`), after its paper.
 
 Each optimizer factory takes ``(params, lr, options)`` where ``options`` is an
 :class:`OptimizerOptions`; an option an optimizer does not have is ignored (SGD has no betas).
@@ -24,8 +25,11 @@ class OptimizerOptions:
     """Hyper-parameters shared by name across optimizers (each uses the ones it has)."""
 
     momentum: float = 0.0
+    """SGD, SGDP, RMSprop, LARS, AuON (the AuON paper uses 0.95)."""
     beta1: float = 0.9
+    """First-moment decay (Adam-like); Lion's interpolation factor beta1."""
     beta2: float = 0.999
+    """Second-moment decay (Adam-like); RMSprop's alpha; Lion's momentum beta2 (paper: 0.99)."""
     eps: float = 1e-6
     weight_decay: float = 0.0
     trust_coefficient: float = 0.001  # LARS
@@ -37,7 +41,7 @@ class OptimizerEntry:
     factory: Callable[[Params, float, OptimizerOptions], torch.optim.Optimizer]
     description: str
     layerwise: bool = False
-    """True when the step is normalised per tensor (LAMB, LARS): the paper's layer-wise
+    """True when the step is normalised per tensor (LAMB, LARS, AuON): the paper's layer-wise
     normalisation, which makes training depend on the noise-to-clip ratio, not on C itself."""
 
 
@@ -73,13 +77,179 @@ def _po(name: str):
     return getattr(pytorch_optimizer, name)
 
 
+# --- AuON (hand-written: not in torch or pytorch-optimizer 4.1) ---------------------------------
+
+_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""Muon's quintic Newton-Schulz coefficients (Jordan et al., 2024), as in the AuON code."""
+
+
+def _newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` quintic Newton-Schulz iterations X <- aX + (bA + cA^2)X, A = XX^T (Muon's).
+
+    ``x`` must have spectral norm <= 1 (it has unit Frobenius norm here). The iteration runs on
+    the wide orientation (rows <= columns), as in Muon.
+    """
+    a, b, c = _NS_COEFFICIENTS
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class AuON(torch.optim.Optimizer):
+    r"""AuON: Alternative Unit-norm momentum updates by Normalized nonlinear scaling.
+
+    D. Maity, "AuON: A Linear-time Alternative to Semi-Orthogonal Momentum Updates",
+    arXiv:2509.24320 (2025), code github.com/ryyzn9/AuON. For a matrix parameter
+    :math:`\theta \in \mathbb{R}^{m \times n}` (tensors with more dimensions are flattened to
+    ``(shape[0], -1)`` as in Muon), with momentum :math:`\beta`, learning rate :math:`\eta` and
+    decoupled weight decay :math:`\lambda`:
+
+    .. math::
+
+        M_t &= \beta M_{t-1} + (1 - \beta) G_t \\
+        \hat G_t &= \beta M_t + (1 - \beta) G_t
+            \quad \text{(Nesterov; } \hat G_t = M_t \text{ with nesterov=False)} \\
+        X_t &= \hat G_t / (\lVert \hat G_t \rVert_F + 10^{-7}) \\
+        U_t &= X_t \Big/ \Big(\sqrt{\tfrac{1}{mn} \textstyle\sum_{ij} \cosh^2 (X_t)_{ij}}
+            + 10^{-8}\Big) \\
+        \theta_t &= (1 - \eta\lambda)\, \theta_{t-1} - \eta \sqrt{\max(1, m/n)}\; U_t
+
+    :math:`X_t` has unit Frobenius norm, so every entry is in [-1, 1] and the cosh-RMS
+    :math:`r_t \ge 1` is a global "emergency brake": the more the energy is concentrated in a
+    few entries, the larger :math:`r_t` and the shorter the step. The cost is linear in the size
+    of the matrix (no SVD, no matrix products). This is the rule of the paper's training code
+    (``Auon_Adam_train.py``: Nesterov momentum by ``lerp``, Frobenius normalisation, cosh-RMS,
+    Muon's :math:`\sqrt{\max(1, m/n)}` scale); the repository's later packaged ``AuON`` class
+    divides the *un-normalised* momentum by :math:`\mathrm{RMS}(\cosh(1.5\, X_t))` and drops the
+    aspect-ratio scale, so its step grows with the gradient norm: we follow the paper's unit-norm
+    rule. Weight decay is decoupled (:math:`\theta \leftarrow (1 - \eta\lambda)\theta` first),
+    as in the packaged class. Everything is computed in the parameter's precision (float32 for
+    half-precision parameters); the paper's code uses bfloat16.
+
+    **Hybrid-AuON** (``ns_steps`` >= 1, the paper: one step): after the Frobenius normalisation,
+    ``ns_steps`` Newton-Schulz iterations of Muon's quintic polynomial
+    (:math:`X \leftarrow aX + (bA + cA^2)X`, :math:`A = XX^\top`,
+    :math:`(a, b, c) = (3.4445, -4.7750, 2.0315)`) partly orthogonalise :math:`X_t`, and the
+    cosh-RMS scaling is applied to the result. The paper describes the hybrid as one
+    Newton-Schulz iteration combined with the cosh-RMS scaling without printing the order; we
+    assume (our reading) normalise -> Newton-Schulz -> cosh-RMS, with no second normalisation
+    between the last two.
+
+    **Vectors and scalars** (biases, norm gains: ``ndim < 2``): the paper, like Muon, does not
+    apply AuON to them; its code trains them with AdamW at one tenth of AuON's learning rate
+    (``adamw_lr = 0.1 * auon_lr``, and the README's 0.008 vs 0.08). So do we: bias-corrected
+    AdamW with ``betas``, ``eps``, the same decoupled ``weight_decay`` and learning rate
+    ``vector_lr_ratio * lr``, so one schedule drives both.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        vector_lr_ratio: float = 0.1,
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"AuON: learning rate must be > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"AuON: momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"AuON: weight decay must be >= 0, got {weight_decay}")
+        if ns_steps < 0:
+            raise ValueError(f"AuON: ns_steps must be >= 0, got {ns_steps}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"AuON: betas must be in [0, 1), got {betas}")
+        if eps < 0 or vector_lr_ratio <= 0:
+            raise ValueError("AuON: eps must be >= 0 and vector_lr_ratio > 0")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            betas=betas,
+            eps=eps,
+            vector_lr_ratio=vector_lr_ratio,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AuON does not support sparse gradients")
+                if p.ndim >= 2:
+                    self._matrix_step(p, group)
+                else:
+                    self._vector_step(p, group)
+        return loss
+
+    def _matrix_step(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        beta, lr = group["momentum"], group["lr"]
+        buf.lerp_(p.grad, 1 - beta)  # M = beta M + (1 - beta) G
+        u = p.grad.lerp(buf, beta) if group["nesterov"] else buf  # (1 - beta) G + beta M
+        x = u.reshape(u.shape[0], -1)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        rows, cols = x.shape
+        x = x / (torch.linalg.vector_norm(x) + 1e-7)
+        if group["ns_steps"]:
+            x = _newton_schulz(x, group["ns_steps"])
+        brake = torch.sqrt(torch.mean(torch.cosh(x) ** 2))
+        update = x / (brake + 1e-8)
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.view(p.shape).to(p.dtype), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+
+    def _vector_step(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        beta1, beta2 = group["betas"]
+        lr = group["lr"] * group["vector_lr_ratio"]
+        grad, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+
+
+# --- the catalogue ------------------------------------------------------------------------------
+
 register_optimizer(
     OptimizerEntry(
         "sgd",
         lambda p, lr, o: torch.optim.SGD(
             p, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay
         ),
-        "SGD (torch); on the server with lr 1 it is FedAvg",
+        "SGD (torch), heavy-ball momentum b = mu b + g, L2 weight decay; on the server with "
+        "lr 1 it is FedAvg",
     )
 )
 register_optimizer(
@@ -88,7 +258,7 @@ register_optimizer(
         lambda p, lr, o: torch.optim.Adam(
             p, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         ),
-        "Adam (torch); on the server: FedAdam",
+        "Adam (torch; Kingma & Ba 2015), L2 weight decay; on the server: FedAdam",
     )
 )
 register_optimizer(
@@ -97,14 +267,29 @@ register_optimizer(
         lambda p, lr, o: torch.optim.AdamW(
             p, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         ),
-        "AdamW (torch)",
+        "AdamW (torch; Loshchilov & Hutter 2019): Adam with decoupled weight decay",
     )
 )
 register_optimizer(
     OptimizerEntry(
         "adagrad",
         lambda p, lr, o: torch.optim.Adagrad(p, lr=lr, eps=o.eps, weight_decay=o.weight_decay),
-        "Adagrad (torch); on the server: FedAdagrad",
+        "Adagrad (torch; Duchi et al. 2011); on the server: FedAdagrad",
+    )
+)
+register_optimizer(
+    OptimizerEntry(
+        "rmsprop",
+        lambda p, lr, o: torch.optim.RMSprop(
+            p,
+            lr=lr,
+            alpha=o.beta2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+        ),
+        "RMSprop (torch; Hinton 2012): v = a v + (1 - a) g^2 with a = beta2 (torch's default "
+        "is 0.99, Hinton's 0.9), step g / (sqrt(v) + eps), optional momentum",
     )
 )
 register_optimizer(
@@ -113,7 +298,119 @@ register_optimizer(
         lambda p, lr, o: _po("Yogi")(
             p, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         ),
-        "Yogi (pytorch-optimizer); on the server: FedYogi",
+        "Yogi (pytorch-optimizer); on the server: FedYogi. Unlike Zaheer et al. (2018) and "
+        "FedYogi it bias-corrects m and v and starts both at 1e-6",
+    )
+)
+register_optimizer(
+    OptimizerEntry(
+        "adamp",
+        lambda p, lr, o: _po("AdamP")(
+            p,
+            lr=lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            delta=0.1,
+            wd_ratio=0.1,
+        ),
+        "AdamP (pytorch-optimizer; Heo et al. 2021): Adam whose step on a matrix loses its "
+        "radial part when the gradient is near-orthogonal to the weight (cosine < "
+        "delta/sqrt(dim), delta 0.1; weight decay x0.1 then); decoupled weight decay. As in "
+        "the paper; the library adds eps to sqrt(v) before the bias correction (eps is "
+        "1/sqrt(1 - beta2^t) larger early on)",
+    )
+)
+register_optimizer(
+    OptimizerEntry(
+        "sgdp",
+        lambda p, lr, o: _po("SGDP")(
+            p,
+            lr=lr,
+            momentum=o.momentum,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            delta=0.1,
+            wd_ratio=0.1,
+        ),
+        "SGDP (pytorch-optimizer; Heo et al. 2021): SGD with momentum and AdamP's projection; "
+        "decoupled weight decay scaled by 1/(1 - momentum) as in the reference code",
+    )
+)
+register_optimizer(
+    OptimizerEntry(
+        "lion",
+        lambda p, lr, o: _po("Lion")(
+            p, lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+        ),
+        "Lion (pytorch-optimizer; Chen et al. 2023): step lr * (sign(beta1 m + (1 - beta1) g) "
+        "+ wd x), then m = beta2 m + (1 - beta2) g. As in the paper; its defaults are "
+        "beta2 = 0.99 (ours 0.999) and an lr 3-10x smaller than AdamW's",
+    )
+)
+register_optimizer(
+    OptimizerEntry(
+        "diffgrad",
+        # weight_decouple=False: the paper's (and its code's) L2 decay, added to the gradient.
+        lambda p, lr, o: _po("DiffGrad")(
+            p,
+            lr=lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            weight_decouple=False,
+        ),
+        "diffGrad (pytorch-optimizer; Dubey et al. 2020): Adam step times the friction "
+        "sigmoid(|g_{t-1} - g_t|) (g_0 = 0), L2 weight decay. As in the paper's code "
+        "(eps added to sqrt(v) before the bias correction)",
+    )
+)
+register_optimizer(
+    OptimizerEntry(
+        "conda",
+        lambda p, lr, o: _po("Conda")(
+            p, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        ),
+        "Conda (pytorch-optimizer; Wang et al. 2025, column-normalised Adam): on matrices, "
+        "Adam in the singular basis of the momentum (full-rank SVD of m on the smaller side, "
+        "refreshed every 2000 steps, the second moment kept on the projected gradient), "
+        "other tensors plain Adam; decoupled weight decay after the step as in the reference "
+        "code. The reference runs also scale projected steps by 0.25 (here 1, as in the "
+        "paper's equations) and refresh at steps 1, 2001, ... (here 1, 2000, 4000, ...)",
+    )
+)
+register_optimizer(
+    OptimizerEntry(
+        "auon",
+        lambda p, lr, o: AuON(
+            p,
+            lr=lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+        ),
+        "AuON (hand-written; Maity 2025): Nesterov momentum, Frobenius-normalised, divided by "
+        "the RMS of its cosh (linear time); vectors by AdamW at lr/10. Set momentum (paper: "
+        "0.95) and a Muon-like lr (paper: 0.08-0.24)",
+        layerwise=True,
+    )
+)
+register_optimizer(
+    OptimizerEntry(
+        "auon-hybrid",
+        lambda p, lr, o: AuON(
+            p,
+            lr=lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            ns_steps=1,
+        ),
+        "Hybrid-AuON (hand-written; Maity 2025): AuON with one Newton-Schulz iteration "
+        "between the normalisation and the cosh-RMS scaling",
+        layerwise=True,
     )
 )
 register_optimizer(
@@ -133,7 +430,9 @@ register_optimizer(
             pre_norm=False,
             adam_debias=True,
         ),
-        "LAMB (pytorch-optimizer): Adam with a per-tensor trust ratio (the paper's server)",
+        "LAMB (pytorch-optimizer): Adam with a per-tensor trust ratio (the paper's server). "
+        "As You et al. (2020) with weight decay 0; with weight decay the library decays "
+        "x *= 1 - lr wd outside the trust ratio (the paper puts wd x inside it)",
         layerwise=True,
     )
 )
@@ -147,7 +446,9 @@ register_optimizer(
             weight_decay=o.weight_decay,
             trust_coefficient=o.trust_coefficient,
         ),
-        "LARS (pytorch-optimizer): SGD with a per-tensor trust ratio",
+        "LARS (pytorch-optimizer; You et al. 2017): SGD with momentum on the trust-scaled "
+        "eta ||w|| / (||g|| + wd ||w||) (g + wd w); vectors (biases, norms) get plain "
+        "momentum SGD without trust ratio or weight decay. Overwrites p.grad",
         layerwise=True,
     )
 )
@@ -178,6 +479,19 @@ def register_schedule(name: str, factory: ScheduleFactory, description: str) -> 
 
 register_schedule("constant", lambda total, o: lambda step: 1.0, "constant learning rate")
 register_schedule(
+    "warmup",
+    lambda total, o: lambda step: 1.0,
+    "linear warm-up over warmup_steps (which must be >= 1), then constant",
+)
+register_schedule(
+    "cosine",
+    lambda total, o: (
+        lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+    ),
+    "half a cosine from 1 to 0 over the steps after the warm-up (Loshchilov & Hutter 2017, "
+    "without restarts)",
+)
+register_schedule(
     "step",
     lambda total, o: lambda step: o.gamma ** (step // o.step_size),
     "x gamma every step_size steps (the paper: 0.6 every 750)",
@@ -186,7 +500,8 @@ register_schedule("exponential", lambda total, o: lambda step: o.gamma**step, "x
 register_schedule(
     "linear",
     lambda total, o: lambda step: max(0.0, 1.0 - step / max(1, total)),
-    "linear decay to 0 at the last step",
+    "linear decay to 0 at the last step: the default recommended by Defazio et al., 'When, "
+    "Why and How Much? Adaptive Learning Rate Scheduling by Refinement' (2023)",
 )
 
 
@@ -207,6 +522,8 @@ def make_schedule(
         raise ValueError(f"schedule gamma must be in (0, 1], got {o.gamma}")
     if o.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {o.warmup_steps}")
+    if name == "warmup" and o.warmup_steps < 1:
+        raise ValueError("schedule 'warmup' needs warmup_steps >= 1 (else use 'constant')")
     decay = entry[0](total_steps - o.warmup_steps, o)
 
     def factor(step: int) -> float:

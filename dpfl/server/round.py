@@ -140,16 +140,32 @@ class RoundAggregator:
 class ServerState:
     """Global weights, server optimizer and schedule, privacy ledger, round counter."""
 
-    def __init__(self, weights: Weights, spec: ServerSpec, total_rounds: int) -> None:
+    def __init__(
+        self,
+        weights: Weights,
+        spec: ServerSpec,
+        total_rounds: int,
+        averaged: frozenset[str] = frozenset(),
+    ) -> None:
+        """``averaged``: tensors (running statistics of norm layers) that take the average
+        delta as it is, outside the server optimizer; they are clipped and noised with the
+        rest of the update like any other tensor."""
         self.spec = spec
         self.total_rounds = total_rounds
+        unknown = set(averaged) - set(weights)
+        if unknown:
+            raise ValueError(f"averaged tensors not in the weights: {sorted(unknown)[:5]}")
+        self.averaged = frozenset(averaged)
         self.params = {
             # the server's state lives on the CPU whatever device the clients train on
             n: torch.nn.Parameter(w.detach().to("cpu", torch.float32, copy=True))
             for n, w in weights.items()
         }
         self.optimizer = make_optimizer(
-            spec.optimizer, list(self.params.values()), spec.lr, spec.options
+            spec.optimizer,
+            [p for n, p in self.params.items() if n not in self.averaged],
+            spec.lr,
+            spec.options,
         )
         self.schedule = make_schedule(
             spec.schedule, self.optimizer, total_rounds, spec.schedule_options
@@ -195,8 +211,12 @@ class ServerState:
         if average is not None:
             self.optimizer.zero_grad(set_to_none=False)
             for n, p in self.params.items():
-                # the pseudo-gradient: minus the average delta
-                p.grad = -average[n].to(p.dtype)
+                if n in self.averaged:
+                    with torch.no_grad():
+                        p.add_(average[n].to(p.dtype))
+                else:
+                    # the pseudo-gradient: minus the average delta
+                    p.grad = -average[n].to(p.dtype)
             self.optimizer.step()
         self.schedule.step()
         metrics: dict[str, float] = {

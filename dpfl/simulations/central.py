@@ -17,6 +17,7 @@ import torch
 
 from dpfl.client.train import LocalTrainConfig, batches, global_weights
 from dpfl.config import RunConfig
+from dpfl.models.normalization import project_weights
 from dpfl.models.optimizers import make_optimizer
 from dpfl.runs import RunWriter, build_task, load_model_file, pick_device, speech_corpus
 
@@ -74,6 +75,7 @@ def train_central(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             if local.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, local.grad_clip)
             optimizer.step()
+            project_weights(model)  # Normalize-and-Project (no-op otherwise)
             losses.append(loss.item())
             if step % every == 0 or step == cfg.central_steps:
                 record = {"step": step, "train_loss": sum(losses) / len(losses)}

@@ -38,3 +38,31 @@ def test_client_app_needs_its_user():
         handle_train(values, weights, {})
     with pytest.raises(IndexError, match="not in the population"):
         handle_train(values, weights, {"partition-id": 9})
+
+
+def test_norm_statistics_stay_on_the_node_or_travel_clipped():
+    """FedBN-style (norm-stats = client): a BatchNorm's running statistics are kept in the
+    node's private state, never sent; norm-stats = server: they are part of the clipped delta."""
+    from dpfl.client.train import federated_split
+
+    for mode in ("client", "server"):
+        cfg = RunConfig.from_mapping({
+            "population": 4, "cohort-size": 2.0, "norm": "batchnorm", "norm-stats": mode,
+            "clip-norm": 0.05,
+        })  # fmt: skip
+        torch.manual_seed(cfg.seed)
+        task = build_task(cfg)
+        model = task.build_model()
+        private, buffers = federated_split(task, model, mode)
+        assert buffers == ["1.layer.running_mean", "1.layer.running_var"]
+        weights = global_weights(model, private, buffers)
+        values = {**cfg.to_dict(), "server-round": 1}
+        delta, _, kept = handle_train(values, weights, {"partition-id": 1})
+        norm = torch.cat([d.reshape(-1) for d in delta.values()]).norm().item()
+        assert norm <= 0.05 * (1 + 1e-6)
+        if mode == "client":
+            assert not set(buffers) & set(delta) and set(kept) == set(buffers)
+            assert not torch.equal(kept["1.layer.running_mean"], torch.zeros(64))
+        else:
+            assert set(buffers) <= set(delta) and kept == {}
+            assert delta["1.layer.running_var"].abs().sum() > 0

@@ -20,11 +20,14 @@ paper's per-layer clip bounds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torchaudio
 from torch import nn
+
+from dpfl.models.normalization import NORMS, NormOptions, make_norm, record_projection_norms
 
 SAMPLE_RATE = 16_000
 N_MELS = 80
@@ -117,13 +120,15 @@ def sinusoidal_positions(length: int, width: int, device: torch.device) -> torch
 class PreLNBlock(nn.Module):
     """x + attn(LN(x)); x + MLP(LN(x)); dense layers without biases."""
 
-    def __init__(self, width: int, mlp: int, heads: int, dropout: float) -> None:
+    def __init__(
+        self, width: int, mlp: int, heads: int, dropout: float, norm: Callable[[int], nn.Module]
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = norm(width)
         self.attn = nn.MultiheadAttention(
             width, heads, dropout=dropout, bias=False, batch_first=True
         )
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = norm(width)
         self.mlp = nn.Sequential(
             nn.Linear(width, mlp, bias=False),
             nn.ReLU(),
@@ -144,11 +149,11 @@ class _ConvFrontend(nn.Module):
 
     kernel, stride = 7, 3
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, norm: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.conv = nn.Conv1d(N_MELS, 2 * width, self.kernel, self.stride, padding=self.kernel // 2)
         self.glu = nn.GLU(dim=1)
-        self.norm = nn.LayerNorm(width)
+        self.norm = norm(width)
 
     def out_lengths(self, frames: torch.Tensor) -> torch.Tensor:
         pad = self.kernel // 2
@@ -170,7 +175,11 @@ class CTCTransformer(nn.Module):
         dropout: float = 0.3,
         layerdrop: float = 0.3,
         spec_augment: bool = True,
+        norm: str = "layernorm",
+        norm_options: NormOptions | None = None,
     ) -> None:
+        """``norm``: a normalisation by name (:mod:`dpfl.models.normalization`) for every norm
+        layer. Layers with batch statistics count the padded frames of a batch too."""
         super().__init__()
         if not 0 <= dropout < 1 or not 0 <= layerdrop < 1:
             raise ValueError(
@@ -179,13 +188,19 @@ class CTCTransformer(nn.Module):
         self.size, self.layerdrop = size, layerdrop
         self.frontend = LogMelFrontend()
         self.augment = SpecAugment() if spec_augment else nn.Identity()
-        self.conv = _ConvFrontend(size.width)
+
+        def make(width: int) -> nn.Module:
+            return make_norm(norm, width, "last", norm_options, "the ASR transformer")
+
+        self.conv = _ConvFrontend(size.width, make)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            PreLNBlock(size.width, size.mlp, size.heads, dropout) for _ in range(size.blocks)
+            PreLNBlock(size.width, size.mlp, size.heads, dropout, make) for _ in range(size.blocks)
         )
-        self.final_norm = nn.LayerNorm(size.width)
+        self.final_norm = make(size.width)
         self.output = nn.Linear(size.width, vocab)
+        if NORMS[norm].projection:
+            record_projection_norms(self)
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor):
         feats, frames = self.frontend(waveforms, lengths)
@@ -220,7 +235,7 @@ class CTCConformer(nn.Module):
         self.size = size
         self.frontend = LogMelFrontend()
         self.augment = SpecAugment() if spec_augment else nn.Identity()
-        self.conv = _ConvFrontend(size.width)
+        self.conv = _ConvFrontend(size.width, nn.LayerNorm)
         self.conformer = torchaudio.models.Conformer(
             input_dim=size.width,
             num_heads=size.heads,
@@ -249,9 +264,13 @@ def build_asr_model(
     dropout: float = 0.3,
     layerdrop: float = 0.3,
     spec_augment: bool = True,
+    norm: str = "layernorm",
+    norm_options: NormOptions | None = None,
     **size_overrides: int,
 ) -> nn.Module:
-    """A CTC model by name; ``size_overrides`` (blocks, width, mlp, heads) change a named size."""
+    """A CTC model by name; ``size_overrides`` (blocks, width, mlp, heads) change a named size.
+    ``norm`` picks the transformer's normalisation layers by name; the Conformer keeps
+    torchaudio's own (LayerNorm, GroupNorm in the convolution module)."""
     if isinstance(size, str):
         if size not in SIZES:
             raise ValueError(f"unknown ASR size {size!r}; known: {', '.join(SIZES)}")
@@ -260,7 +279,13 @@ def build_asr_model(
     if size.width % size.heads:
         raise ValueError(f"width {size.width} is not divisible by {size.heads} heads")
     if arch == "transformer":
-        return CTCTransformer(size, vocab, dropout, layerdrop, spec_augment)
+        return CTCTransformer(size, vocab, dropout, layerdrop, spec_augment, norm, norm_options)
     if arch == "conformer":
+        if norm != "layernorm":
+            raise ValueError(
+                f"normalisation {norm!r} does not fit the Conformer (torchaudio's Conformer has "
+                "its own LayerNorm and GroupNorm); use asr-arch = 'transformer' or norm = "
+                "'layernorm'"
+            )
         return CTCConformer(size, vocab, dropout, spec_augment=spec_augment)
     raise ValueError(f"unknown ASR architecture {arch!r}; known: {', '.join(ARCHS)}")

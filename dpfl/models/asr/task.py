@@ -24,6 +24,8 @@ class ASRTask:
     layerdrop: float = 0.3
     spec_augment: bool = True
     eval_batch_seconds: float = 60.0
+    norm: str = "layernorm"
+    norm_options: Any = None
     tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
     name: str = "asr"
     metric: str = "wer"
@@ -37,6 +39,8 @@ class ASRTask:
             self.dropout,
             self.layerdrop,
             self.spec_augment,
+            norm=self.norm,
+            norm_options=self.norm_options,
         )
 
     @staticmethod

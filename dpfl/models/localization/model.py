@@ -24,6 +24,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dpfl.models.normalization import (
+    NormOptions,
+    make_norm,
+    norm_entry,
+    record_projection_norms,
+    standardize_weight,
+)
+
 SCORE_THRESHOLD = 0.5
 
 
@@ -38,9 +46,11 @@ class AdaptiveConv2d(nn.Module):
         stride: int = 1,
         num_tasks: int = 1,
         score_init: float = 0.6,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         self.stride, self.padding = stride, kernel // 2
+        self.standardize = standardize  # Weight Standardisation (for BCN+WS)
         shared = torch.empty(cout, cin, kernel, kernel)
         nn.init.kaiming_normal_(shared, nonlinearity="relu")
         self.shared = nn.Parameter(shared)
@@ -62,6 +72,8 @@ class AdaptiveConv2d(nn.Module):
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         g = self.gate()
         weight = g * self.specific[task] + (1 - g) * self.shared
+        if self.standardize:
+            weight = standardize_weight(weight)
         return F.conv2d(x, weight, stride=self.stride, padding=self.padding)
 
 
@@ -77,6 +89,18 @@ class ChannelAttention(nn.Module):
         return x * torch.sigmoid(self.fc(x.mean(dim=(2, 3))))[:, :, None, None]
 
 
+class _NormFactory:
+    """Builds the configured normalisation layer; carries its registry flags."""
+
+    def __init__(self, name: str, options: NormOptions | None, entry) -> None:
+        self.name, self.options = name, options
+        self.weight_standardization = entry.weight_standardization
+        self.fused_activation = entry.fused_activation
+
+    def __call__(self, channels: int) -> nn.Module:
+        return make_norm(self.name, channels, "channels", self.options, "the localisation net")
+
+
 def _per_task(make, num_tasks: int) -> nn.ModuleList:
     return nn.ModuleList(make() for _ in range(num_tasks))
 
@@ -84,21 +108,25 @@ def _per_task(make, num_tasks: int) -> nn.ModuleList:
 class AdaptiveBlock(nn.Module):
     """A residual block of adaptive convolutions; scene-specific norms and channel attention."""
 
-    def __init__(self, cin: int, cout: int, stride: int, num_tasks: int, score_init: float) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, num_tasks: int, score_init: float, norm
+    ) -> None:
         super().__init__()
-        self.conv1 = AdaptiveConv2d(cin, cout, 3, stride, num_tasks, score_init)
-        self.conv2 = AdaptiveConv2d(cout, cout, 3, 1, num_tasks, score_init)
-        self.norm1 = _per_task(lambda: nn.GroupNorm(4, cout), num_tasks)
-        self.norm2 = _per_task(lambda: nn.GroupNorm(4, cout), num_tasks)
+        ws = norm.weight_standardization
+        self.conv1 = AdaptiveConv2d(cin, cout, 3, stride, num_tasks, score_init, ws)
+        self.conv2 = AdaptiveConv2d(cout, cout, 3, 1, num_tasks, score_init, ws)
+        self.norm1 = _per_task(lambda: norm(cout), num_tasks)
+        self.norm2 = _per_task(lambda: norm(cout), num_tasks)
+        self.act = nn.Identity() if norm.fused_activation else nn.ReLU()
         self.attention = _per_task(lambda: ChannelAttention(cout), num_tasks)
         self.skip = (
-            AdaptiveConv2d(cin, cout, 1, stride, num_tasks, score_init)
+            AdaptiveConv2d(cin, cout, 1, stride, num_tasks, score_init, ws)
             if stride != 1 or cin != cout
             else None
         )
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        h = F.relu(self.norm1[task](self.conv1(x, task)))
+        h = self.act(self.norm1[task](self.conv1(x, task)))
         h = self.attention[task](self.norm2[task](self.conv2(h, task)))
         return F.relu(h + (self.skip(x, task) if self.skip is not None else x))
 
@@ -116,19 +144,27 @@ class OFVLNet(nn.Module):
         widths: Sequence[int] = (16, 32, 64),
         score_init: float = 0.6,
         adaptive: bool = True,
+        norm: str = "groupnorm",
+        norm_options: NormOptions | None = None,
     ) -> None:
+        """``norm``: the scene-specific normalisation layers by name
+        (:mod:`dpfl.models.normalization`); running statistics they keep are scene-specific
+        too, so they never leave the client."""
         super().__init__()
         if len(widths) != 3:
             raise ValueError(f"widths must give 3 stages (output stride 8), got {widths}")
         self.num_tasks = num_tasks
         w1, w2, w3 = widths
-        self.stem = AdaptiveConv2d(3, w1, 3, 2, num_tasks, score_init)
-        self.stem_norm = _per_task(lambda: nn.GroupNorm(4, w1), num_tasks)
+        entry = norm_entry(norm, "channels", "the localisation net")
+        factory = _NormFactory(norm, norm_options, entry)
+        self.stem = AdaptiveConv2d(3, w1, 3, 2, num_tasks, score_init, entry.weight_standardization)
+        self.stem_norm = _per_task(lambda: factory(w1), num_tasks)
+        self.stem_act = nn.Identity() if entry.fused_activation else nn.ReLU()
         self.blocks = nn.ModuleList(
             [
-                AdaptiveBlock(w1, w1, 1, num_tasks, score_init),
-                AdaptiveBlock(w1, w2, 2, num_tasks, score_init),
-                AdaptiveBlock(w2, w3, 2, num_tasks, score_init),
+                AdaptiveBlock(w1, w1, 1, num_tasks, score_init, factory),
+                AdaptiveBlock(w1, w2, 2, num_tasks, score_init, factory),
+                AdaptiveBlock(w2, w3, 2, num_tasks, score_init, factory),
             ]
         )
         self.heads = _per_task(
@@ -140,6 +176,8 @@ class OFVLNet(nn.Module):
                 conv.score.data.fill_(0.0)
                 conv.score.requires_grad_(False)
                 conv.specific.requires_grad_(False)
+        if entry.projection:
+            record_projection_norms(self)
 
     def adaptive_convs(self) -> list[AdaptiveConv2d]:
         return [m for m in self.modules() if isinstance(m, AdaptiveConv2d)]
@@ -155,7 +193,7 @@ class OFVLNet(nn.Module):
     def forward(self, images: torch.Tensor, task: int = 0):
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task} is not one of the model's {self.num_tasks} scenes")
-        x = F.relu(self.stem_norm[task](self.stem(images, task)))
+        x = self.stem_act(self.stem_norm[task](self.stem(images, task)))
         for block in self.blocks:
             x = block(x, task)
         out = self.heads[task](x)

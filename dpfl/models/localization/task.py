@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,12 +25,16 @@ class LocalizationTask:
     adaptive: bool = True
     score_init: float = 0.6
     penalty: float = 1e-3
+    norm: str = "groupnorm"
+    norm_options: Any = None
     name: str = "localization"
     metric: str = "median_translation_m"
     higher_is_better: bool = False
 
     def build_model(self) -> nn.Module:
-        return ofvl.OFVLNet(1, self.widths, self.score_init, self.adaptive)
+        return ofvl.OFVLNet(
+            1, self.widths, self.score_init, self.adaptive, self.norm, self.norm_options
+        )
 
     @staticmethod
     def is_private(name: str) -> bool:

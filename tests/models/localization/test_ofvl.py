@@ -141,18 +141,36 @@ def test_short_federated_run_beats_the_constant_baseline(tmp_path):
     from dpfl.runs import FederatedRun, scene_names
     from dpfl.simulations.engine import simulate
 
-    cfg = RunConfig.from_mapping({
-        "task": "localization", "scenes-dir": str(tmp_path / "sc"), "synthetic-scenes": 2,
-        "scene-train-frames": 24, "scene-test-frames": 6, "population": 2, "cohort-size": 2.0,
-        "rounds": 8, "local-epochs": 2, "batch-size": 8, "client-optimizer": "adam",
-        "client-lr": 0.003, "clip-norm": 1.0, "clip-scheme": "dim", "clip-mode": "normalize",
-        "noise-multiplier": 0.0, "target-epsilon": 0.0, "server-optimizer": "sgd",
-        "server-lr": 1.0, "eval-every": 8, "run-dir": str(tmp_path / "run"),
-    })
+    cfg = RunConfig.from_mapping(
+        {
+            "task": "localization",
+            "scenes-dir": str(tmp_path / "sc"),
+            "synthetic-scenes": 2,
+            "scene-train-frames": 24,
+            "scene-test-frames": 6,
+            "population": 2,
+            "cohort-size": 2.0,
+            "rounds": 8,
+            "local-epochs": 2,
+            "batch-size": 8,
+            "client-optimizer": "adam",
+            "client-lr": 0.003,
+            "clip-norm": 1.0,
+            "clip-scheme": "dim",
+            "clip-mode": "normalize",
+            "noise-multiplier": 0.0,
+            "target-epsilon": 0.0,
+            "server-optimizer": "sgd",
+            "server-lr": 1.0,
+            "eval-every": 8,
+            "run-dir": str(tmp_path / "run"),
+        }
+    )
     summary = simulate(cfg, progress=False)
     baseline = constant_baseline(SceneDataset(cfg.scenes_dir, scene_names(cfg)))
-    assert summary["final"]["median_coordinate_error_m"] < 0.95 * baseline[
-        "median_coordinate_error_m"]
+    assert (
+        summary["final"]["median_coordinate_error_m"] < 0.95 * baseline["median_coordinate_error_m"]
+    )
     # the server only ever held shared weights and scores
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert saved and all(n.endswith((".shared", ".score")) for n in saved)
