@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "asr_arch": ("transformer", "conformer"),
     "norm_stats": ("client", "server"),
+    "on_too_few": ("skip", "retry"),
     "asr_size": ("tiny", "small", "paper"),
     "data_format": ("synthetic", "librispeech", "commonvoice"),
 }
@@ -200,7 +201,40 @@ class RunConfig:
         default="runs/latest", metadata=_doc("folder for metrics, summary and checkpoints")
     )
     round_timeout: float = field(
-        default=600.0, metadata=_doc("Flower: seconds to wait for a round's replies")
+        default=600.0,
+        metadata=_doc(
+            "seconds to wait for a round's replies (Flower: wall clock; simulator: simulated "
+            "clock, see sim-step-seconds); late replies are dropped"
+        ),
+    )
+    # --- faults: what a round needs, and simulated failures (simulator only)
+    min_replies: int = field(
+        default=0,
+        metadata=_doc("accepted replies a round needs to be applied (0: any number, even none)"),
+    )
+    on_too_few: str = field(
+        default="skip",
+        metadata=_doc(
+            "a round with fewer than min-replies: skip it (model unchanged) or retry it with a "
+            "fresh cohort (up to max-retries); either way the attempt is charged to the budget"
+        ),
+    )
+    max_retries: int = field(default=3, metadata=_doc("retries of a round with too few replies"))
+    sim_dropout_rate: float = field(
+        default=0.0, metadata=_doc("simulator: probability a sampled client drops out, no reply")
+    )
+    sim_failure_rate: float = field(
+        default=0.0, metadata=_doc("simulator: probability a sampled client fails (an error)")
+    )
+    sim_step_seconds: float = field(
+        default=0.0,
+        metadata=_doc("simulator: simulated seconds per local step of a client (0: no clock)"),
+    )
+    sim_speed_spread: float = field(
+        default=0.0,
+        metadata=_doc(
+            "simulator: clients' slowness factors are exp(N(0, spread^2)), fixed per user"
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -323,6 +357,15 @@ class RunConfig:
                 raise bad(name, "a number in [0, 1)")
         if self.ofvl_penalty < 0:
             raise bad("ofvl_penalty", "a number >= 0")
+        for name in ("sim_dropout_rate", "sim_failure_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "a number in [0, 1]")
+        for name in ("sim_step_seconds", "sim_speed_spread"):
+            if getattr(self, name) < 0:
+                raise bad(name, "a number >= 0")
+        for name in ("min_replies", "max_retries"):
+            if getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0")
         if self.norm_warmup < 0:
             raise bad("norm_warmup", "an integer >= 0")
         if self.norm_groups < 1:

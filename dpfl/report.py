@@ -63,17 +63,28 @@ def statement_lines(
     if "epsilon" not in p:
         lines.append(p["text"])
         return lines
+    charged = p.get("rounds_charged", summary["rounds_run"])
+    lines.append(
+        f"epsilon (actual: the {charged} rounds charged at the sampling used"
+        + (
+            f", {charged - summary['rounds_run']} of them charged again"
+            if charged > summary["rounds_run"]
+            else ""
+        )
+        + "):"
+    )
     for name, r in p["epsilon"].items():
         used = r["accountant"]
         how = f"under {used}" if used == name else f"under {used} ({name} requested)"
         note = f"; {r['note']}" if r.get("note") else ""
-        lines.append(f"epsilon:    {_num(r['epsilon']):.4g} {how}{note}")
+        lines.append(f"  {_num(r['epsilon']):.4g} {how}{note}")
     rounds = summary["rounds_run"]
     if rounds > 0:
         settings = scaled_settings(p["expected_cohort"], p["population"], scales)
         rows = extrapolate(p["sigma_dp"], settings, rounds, p["delta"])
         lines.append(
-            f"extrapolated (rdp; same sigma_DP, T = {rounds}, delta; cohort and population scaled):"
+            f"epsilon (extrapolated, not actual; rdp; same sigma_DP, T = {rounds}, delta;"
+            " cohort and population scaled):"
         )
         for k, row in zip(scales, rows, strict=True):
             warn = (

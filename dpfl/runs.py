@@ -267,9 +267,18 @@ def privacy_statement(
     statement["epsilon"] = results
     main = results[cfg.accountant]
     eps = main["epsilon"]
+    charged = sum(seg.steps for seg in ledger_segments)
+    statement["rounds_charged"] = charged
+    extra = charged - rounds_run
+    why = (
+        f" ({rounds_run} run + {extra} charged again: replayed after a crash, or discarded "
+        "for too few replies)"
+        if extra
+        else ""
+    )
     statement["text"] = (
         f"(epsilon, delta) = ({eps:.4g}, {spec.delta:g}) under {main['accountant']}, "
-        f"Poisson sampling, q={spec.sample_rate:.4g}, T={rounds_run}; user-level DP "
+        f"Poisson sampling, q={spec.sample_rate:.4g}, T={charged}{why}; user-level DP "
         f"({ADJACENCY}), clip {spec.clip.scheme} C={spec.clip.clip_norm:g} on the "
         f"{spec.clip_location}, z={spec.noise_multiplier:.4g}; noise: {noise_label}"
     )
@@ -463,13 +472,36 @@ class FederatedRun:
                     break
                 t0 = time.perf_counter()
                 round_number = state.round + 1
-                cohort = sample_cohort(
-                    cfg.population, cfg.sample_rate, cfg.seed, round_number, cfg.sampling
-                )
-                agg = state.begin_round()
-                extra = collect(round_number, cohort, state.weights(), agg)
-                metrics = state.finish_round(agg)
+                attempt = 0
+                while True:
+                    # a retry draws a fresh cohort (same schedule q, another draw)
+                    cohort = sample_cohort(
+                        cfg.population,
+                        cfg.sample_rate,
+                        cfg.seed + 7919 * attempt,
+                        round_number,
+                        cfg.sampling,
+                    )
+                    agg = state.begin_round()
+                    extra = collect(round_number, cohort, state.weights(), agg)
+                    if agg.accepted >= cfg.min_replies:
+                        metrics = state.finish_round(agg)
+                        break
+                    give_up = cfg.on_too_few == "skip" or attempt >= cfg.max_retries
+                    log.warning(
+                        "round %d: %d accepted replies < min-replies %d: %s (charged)",
+                        round_number,
+                        agg.accepted,
+                        cfg.min_replies,
+                        "skipped" if give_up else "retrying",
+                    )
+                    metrics = state.discard_round(agg, advance=give_up)
+                    if give_up:
+                        break
+                    self.writer.append({**metrics, "cohort": len(cohort), **extra, "retry": 1})
+                    attempt += 1
                 metrics["cohort"] = len(cohort)
+                metrics["attempts"] = attempt + 1
                 metrics.update(extra)
                 if cfg.diagnostics and agg.norms:  # server-side clipping stats
                     metrics.setdefault("diag_update_norm_mean", float(np.mean(agg.norms)))

@@ -239,10 +239,13 @@ def test_simulate_and_report_commands(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "accuracy:" in out and "epsilon:" in out and "Poisson sampling" in out
+    assert "accuracy:" in out and "Poisson sampling" in out
+    # every assumption, and whether the epsilon is actual or extrapolated
+    assert "epsilon (actual: the 3 rounds charged at the sampling used):" in out
+    assert "add/remove one user" in out and "delta:" in out and "under rdp" in out
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "extrapolated" in out and (run / "metric.png").stat().st_size > 1000
+    assert "epsilon (extrapolated, not actual" in out and (run / "metric.png").stat().st_size > 1000
     assert (run / "epsilon.png").exists()
 
 
@@ -261,3 +264,15 @@ def test_run_commands_reject_bad_input_in_one_line(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_audit_command(capsys):
+    import json
+
+    from dpfl.cli import main
+
+    assert main(["audit", "--trials", "200", "--modes", "no-noise", "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "no-noise" and r["epsilon_lower_bound"] > r["claimed_epsilon"]
+    assert main(["audit", "--trials", "200", "--modes", "off"]) == 2
+    assert "unknown audit mode 'off'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,33 @@ class ServerState:
 
     def begin_round(self) -> RoundAggregator:
         return RoundAggregator(self.shapes, self.spec)
+
+    def discard_round(self, agg: RoundAggregator, advance: bool) -> dict[str, float]:
+        """A round with too few accepted replies: nothing is applied or released.
+
+        It is still charged to the ledger at the scheduled q (conservative: whether a round is
+        discarded depends on which updates were accepted, which can depend on users' data), so
+        failures never lower the reported epsilon. ``advance``: the round counts as run
+        (skipped) rather than about to be retried.
+        """
+        spec = self.spec
+        if spec.dp:
+            self.ledger.record(spec.noise_multiplier, spec.sample_rate)
+        if advance:
+            self.round += 1
+            with warnings.catch_warnings():  # no optimizer step in a discarded round
+                warnings.simplefilter("ignore", UserWarning)
+                self.schedule.step()
+        metrics: dict[str, float] = {
+            "round": self.round if advance else self.round + 1,
+            "replies": agg.accepted + agg.num_rejected,
+            "accepted": agg.accepted,
+            "rejected": agg.num_rejected,
+            "discarded": 1,
+        }
+        if spec.accounted:
+            metrics["epsilon"] = self.ledger.epsilon(spec.delta, "rdp").epsilon
+        return metrics
 
     def finish_round(self, agg: RoundAggregator) -> dict[str, float]:
         """Noise, average, optimizer step and accounting for the round just collected.

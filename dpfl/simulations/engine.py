@@ -22,6 +22,10 @@ from dpfl.server.round import RoundAggregator
 log = logging.getLogger(__name__)
 
 
+class SimulatedFailure(RuntimeError):
+    """A client failure injected by ``sim-failure-rate``."""
+
+
 def simulate(
     cfg: RunConfig,
     *,
@@ -38,15 +42,41 @@ def simulate(
     spec = run.spec
     clip_on_client = spec.clip if spec.dp and spec.clip_location == "client" else None
 
+    def faults(user: int, round_number: int) -> str | None:
+        """Simulated faults, fixed by (seed, round, user): "drop", "fail" or None."""
+        if cfg.sim_dropout_rate == 0 and cfg.sim_failure_rate == 0:
+            return None
+        u = np.random.default_rng([cfg.seed, 11, round_number, user]).random()
+        if u < cfg.sim_dropout_rate:
+            return "drop"
+        if u < cfg.sim_dropout_rate + cfg.sim_failure_rate:
+            return "fail"
+        return None
+
+    def slowness(user: int) -> float:
+        """A user's fixed factor on the simulated clock: exp(N(0, spread^2))."""
+        if cfg.sim_speed_spread == 0:
+            return 1.0
+        z = np.random.default_rng([cfg.seed, 13, user]).standard_normal()
+        return float(np.exp(cfg.sim_speed_spread * z))
+
     def collect(
         round_number: int, cohort: np.ndarray, weights: Weights, agg: RoundAggregator
     ) -> dict[str, Any]:
         weights = {n: w.to(run.device) for n, w in weights.items()}
         losses, norms, clipped, failed = [], [], 0, 0
+        dropped = timed_out = 0
+        finish_times: list[float] = []
         for user in cohort:
             user = int(user)
+            fault = faults(user, round_number)
+            if fault == "drop":  # gone mid-round: no reply at all
+                dropped += 1
+                continue
             run.load_client(user)
             try:
+                if fault == "fail":
+                    raise SimulatedFailure(f"simulated failure of user {user}")
                 res = local_update(
                     run.model,
                     run.task,
@@ -56,18 +86,29 @@ def simulate(
                     client_seed(cfg.seed, round_number, user),
                     clip_on_client,
                 )
-            except FloatingPointError as err:
+            except (FloatingPointError, SimulatedFailure) as err:
                 failed += 1
                 log.warning("user %d failed in round %d: %s", user, round_number, err)
                 continue
-            run.keep_client(user)
+            run.keep_client(user)  # the client trained (and keeps its state) even if late
+            if cfg.sim_step_seconds > 0:
+                seconds = res.steps * cfg.sim_step_seconds * slowness(user)
+                if seconds > cfg.round_timeout:  # the server stopped waiting: reply discarded
+                    timed_out += 1
+                    continue
+                finish_times.append(seconds)
             agg.add({n: d.cpu() for n, d in res.delta.items()})
             if cfg.diagnostics:
                 losses.append(res.train_loss)
                 if res.clip_stats is not None:
                     norms.append(res.clip_stats.norm)
                     clipped += int(res.clip_stats.clipped)
-        extra: dict[str, Any] = {"failed": failed}
+        extra: dict[str, Any] = {"failed": failed, "dropped": dropped, "timed_out": timed_out}
+        if cfg.sim_step_seconds > 0:
+            # simulated round time: the last accepted reply, or the deadline if anyone was late
+            extra["sim_round_seconds"] = (
+                cfg.round_timeout if timed_out else max(finish_times, default=0.0)
+            )
         if cfg.diagnostics:
             finite = [x for x in losses if math.isfinite(x)]
             extra["diag_train_loss"] = float(np.mean(finite)) if finite else math.nan

@@ -143,3 +143,21 @@ def test_fixed_size_cohorts_report_no_epsilon(tmp_path):
     assert "epsilon" not in summary["privacy"]
     assert "no epsilon is reported" in summary["privacy"]["text"]
     assert all(r["cohort"] == 30 for r in metrics(c)[1:])
+
+
+def test_unseeded_runs_draw_different_noise_and_a_seeded_run_is_reproducible(tmp_path):
+    def final_model(name, **over):
+        c = cfg(
+            tmp_path / name, rounds=2, **{"noise-multiplier": 1.0, "target-epsilon": 0.0, **over}
+        )
+        summary = simulate(c, progress=False)
+        return summary, torch.load(tmp_path / name / "run" / "model.pt", weights_only=True)
+
+    s1, a = final_model("a")
+    _, b = final_model("b")
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # same data and cohorts, fresh noise
+    assert "secure" in s1["privacy"]["noise_source"]
+    s3, c = final_model("c", **{"noise-seed": 5})
+    _, d = final_model("d", **{"noise-seed": 5})
+    assert all(torch.equal(c[n], d[n]) for n in c)
+    assert "INSECURE" in s3["privacy"]["noise_source"] and "INSECURE" in s3["privacy"]["text"]
