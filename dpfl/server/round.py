@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 import warnings
@@ -36,6 +37,7 @@ from dpfl.privacy.mechanisms import GaussianMechanism, NoiseSource
 from dpfl.privacy.updates import l2_norm
 
 Weights = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class RoundAggregator:
 
     def reject(self, reason: str) -> None:
         """Count an update that never reached :meth:`add` (e.g. unreadable), with its reason."""
+        log.warning("update rejected, not aggregated: %s", reason)
         self.rejected[reason.split(":")[0][:80]] += 1
 
     def add(self, update: Any) -> str | None:
@@ -256,6 +259,8 @@ class ServerState:
             "noise_std_average": (self.mechanism.std / spec.expected_cohort) if spec.dp else 0.0,
             "server_lr": self.optimizer.param_groups[0]["lr"],
         }
+        if agg.rejected:
+            metrics["rejected_reasons"] = dict(agg.rejected)
         if average is not None:
             metrics["update_norm"] = math.sqrt(
                 sum(float(a.double().pow(2).sum()) for a in average.values())

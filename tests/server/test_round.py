@@ -68,14 +68,17 @@ def test_without_dp_it_is_plain_fedavg_over_replies():
         ([torch.zeros(30, 20), torch.zeros(20)], "mapping"),
     ],
 )
-def test_bad_updates_are_rejected_with_a_reason_and_not_summed(bad, reason):
+def test_bad_updates_are_rejected_with_a_reason_and_not_summed(bad, reason, caplog):
     state = ServerState(zeros(), spec(), total_rounds=5)
     agg = state.begin_round()
     assert agg.add(delta(0.01)) is None
-    got = agg.add(bad)
+    with caplog.at_level("WARNING", logger="dpfl.server.round"):
+        got = agg.add(bad)
     assert got is not None and reason in got
+    assert any(reason in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
     metrics = state.finish_round(agg)
     assert metrics["rejected"] == 1 and metrics["accepted"] == 1
+    assert sum(metrics["rejected_reasons"].values()) == 1
     assert torch.allclose(state.params["w"].detach(), torch.full((30, 20), 0.001))
 
 

@@ -1,0 +1,153 @@
+"""A secured deployment on loopback: TLS (test-only certificates from scripts/make_test_certs.py)
+and SuperNode authentication. An authorised node trains; a node whose key is not registered is
+refused by the SuperLink and never submits an update; a node given the wrong root certificate
+cannot connect. Every process a test starts is stopped by its process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpfl.simulations.flower_local import BIN, ROOT, flower_env, flwr_run, free_port, run_status
+
+pytestmark = pytest.mark.slow
+
+
+class Processes:
+    def __init__(self, logs: Path) -> None:
+        self.logs, self.procs = logs, {}
+
+    def start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=open(self.logs / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    p = Processes(logs)
+    yield p
+    p.stop()
+
+
+def test_tls_and_supernode_authentication_on_loopback(tmp_path, procs):
+    certs = tmp_path / "certs"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_test_certs.py"), str(certs), "--nodes", "2"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "secure"\n[superlink.secure]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n'
+    )
+    env = flower_env(home)
+    procs.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.crt"),
+            "--ssl-keyfile", str(certs / "server.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(port),
+        ],
+        env,
+    )  # fmt: skip
+    wait_until(lambda: "Uvicorn running on https" in procs.log("superlink"), 120, "SuperLink")
+
+    # register node 0's public key only
+    reg = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "register", str(certs / "node-0.pub"), "secure"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
+
+    def supernode(name: str, key: str, root: str, partition: int) -> subprocess.Popen:
+        return procs.start(
+            name,
+            [
+                str(BIN / "flower-supernode"),
+                "--root-certificates", str(certs / root),
+                "--superlink", f"127.0.0.1:{port}",
+                "--auth-supernode-private-key", str(certs / key),
+                "--port", str(free_port()),
+                "--max-retries", "2",
+                "--node-config", f"partition-id={partition} num-partitions=2",
+            ],
+            env,
+        )  # fmt: skip
+
+    authorised = supernode("authorised", "node-0.key", "ca.crt", 0)
+    unregistered = supernode("unregistered", "node-1.key", "ca.crt", 1)
+    wrong_ca = supernode("wrong-ca", "node-0.key", "wrong-ca.crt", 0)
+
+    # the node without a registered key is refused by the SuperLink and gives up
+    assert unregistered.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in procs.log("unregistered")
+    # the node that does not trust the SuperLink's certificate cannot connect
+    assert wrong_ca.wait(timeout=120) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in procs.log("wrong-ca")
+    wait_until(lambda: "SuperNode ID" in procs.log("authorised"), 120, "the authorised node")
+    assert authorised.poll() is None
+
+    run_dir = tmp_path / "run"
+    values = {
+        "population": 2,
+        "cohort-size": 2.0,  # q = 1: both users are asked every round
+        "rounds": 2,
+        "target-epsilon": 0.0,
+        "noise-multiplier": 1.0,
+        "round-timeout": 120.0,
+        "run-dir": str(run_dir),
+    }
+    res = flwr_run("secure", values, env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    statuses = [r["status"] for r in run_status(env, "secure")]
+    assert statuses == ["finished:completed"], (statuses, procs.log("superlink")[-3000:])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if r.get("round", 0) > 0]
+    assert len(rounds) == 2
+    for r in rounds:
+        # only the authorised node's update arrived; user 1 has no connected node
+        assert r["accepted"] == 1 and r["unreachable"] == 1 and r["rejected"] == 0
