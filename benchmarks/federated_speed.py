@@ -1,7 +1,8 @@
 """Side-by-side speed of one named workload: dpfl's in-process simulator vs Flower's simulation
 engine (running dpfl's own ServerApp/ClientApp, so the maths is identical and only the engine
-differs), measured in the same invocation on the same machine; plus a dpfl-only run with a
-population of 1,000,000 users.
+differs), measured in the same invocation on the same machine, dpfl both sequential and
+vectorised (a cohort as one torch.func computation); plus a dpfl-only run with a population of
+1,000,000 users (vectorised).
 
 Workload "toy-mlp": 1,000 users x 50 examples (32 features, 10 classes), MLP 32-64-10, expected
 cohort 50 (Poisson), 1 local epoch, batch 10, client SGD lr 0.1, flat clipping C = 0.5, noise
@@ -119,14 +120,24 @@ def main() -> None:
     print(f"workload toy-mlp: {json.dumps(base)}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        results = {"dpfl simulator": run_dpfl({**base, "run-dir": str(tmp / "dpfl")})}
+        results = {
+            "dpfl simulator": run_dpfl({**base, "vectorize": "off", "run-dir": str(tmp / "dpfl")}),
+            "dpfl simulator, vectorised": run_dpfl(
+                {**base, "vectorize": "on", "run-dir": str(tmp / "dpfl-vec")}
+            ),
+        }
         if not args.skip_flower:
             results["Flower simulation engine"] = run_flower(
                 {**base, "run-dir": str(tmp / "flower")}, tmp
             )
         if not args.skip_million:
             results["dpfl simulator, 1,000,000 users"] = run_dpfl(
-                {**base, "population": 1_000_000, "run-dir": str(tmp / "million")}
+                {
+                    **base,
+                    "population": 1_000_000,
+                    "vectorize": "on",
+                    "run-dir": str(tmp / "million"),
+                }
             )
     print()
     print(f"{'engine':<34}{'median ms/round':>16}{'peak RSS MB':>13}{'accuracy':>10}{'wall s':>8}")
@@ -141,6 +152,15 @@ def main() -> None:
             / results["dpfl simulator"]["median_ms"]
         )
         print(f"\ndpfl speed-up over Flower's simulation engine (median ms/round): {ratio:.1f}x")
+        ratio = (
+            results["Flower simulation engine"]["median_ms"]
+            / results["dpfl simulator, vectorised"]["median_ms"]
+        )
+        print(f"dpfl vectorised speed-up over Flower's simulation engine: {ratio:.1f}x")
+    ratio = (
+        results["dpfl simulator"]["median_ms"] / results["dpfl simulator, vectorised"]["median_ms"]
+    )
+    print(f"dpfl vectorised speed-up over dpfl sequential: {ratio:.1f}x")
     print("peak RSS: the dpfl process only (Flower's is spread over Ray workers; not compared)")
 
 

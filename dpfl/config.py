@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "asr_arch": ("transformer", "conformer"),
     "norm_stats": ("client", "server"),
     "on_too_few": ("skip", "retry"),
+    "vectorize": ("auto", "on", "off"),
     "asr_size": ("tiny", "small", "paper"),
     "data_format": ("synthetic", "librispeech", "commonvoice"),
 }
@@ -207,6 +208,16 @@ class RunConfig:
             "clock, see sim-step-seconds); late replies are dropped"
         ),
     )
+    vectorize: str = field(
+        default="auto",
+        metadata=_doc(
+            "simulator: train a cohort as one vectorised computation: auto (when the model, "
+            "task and optimizer allow it), on, off"
+        ),
+    )
+    vectorize_chunk: int = field(
+        default=256, metadata=_doc("simulator: clients per vectorised chunk (bounds memory)")
+    )
     # --- faults: what a round needs, and simulated failures (simulator only)
     min_replies: int = field(
         default=0,
@@ -363,6 +374,8 @@ class RunConfig:
         for name in ("sim_step_seconds", "sim_speed_spread"):
             if getattr(self, name) < 0:
                 raise bad(name, "a number >= 0")
+        if self.vectorize_chunk < 1:
+            raise bad("vectorize_chunk", "an integer >= 1")
         for name in ("min_replies", "max_retries"):
             if getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0")

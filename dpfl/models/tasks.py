@@ -107,6 +107,11 @@ class ClassificationTask:
         device = next(model.parameters()).device
         return nn.functional.cross_entropy(model(batch["x"].to(device)), batch["y"].to(device))
 
+    def per_example_loss(self, forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of each example; ``forward`` maps inputs to logits (vectorised
+        training calls it with a functional model)."""
+        return nn.functional.cross_entropy(forward(batch["x"]), batch["y"], reduction="none")
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: TensorData) -> dict[str, float]:
         model.eval()

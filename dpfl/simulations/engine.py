@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dpfl.client.train import Weights, local_update
+from dpfl.client.vectorized import cohort_updates, why_not
 from dpfl.config import RunConfig
 from dpfl.runs import FederatedRun, client_seed, local_config
 from dpfl.server.round import RoundAggregator
@@ -60,23 +61,34 @@ def simulate(
         z = np.random.default_rng([cfg.seed, 13, user]).standard_normal()
         return float(np.exp(cfg.sim_speed_spread * z))
 
-    def collect(
-        round_number: int, cohort: np.ndarray, weights: Weights, agg: RoundAggregator
-    ) -> dict[str, Any]:
-        weights = {n: w.to(run.device) for n, w in weights.items()}
-        losses, norms, clipped, failed = [], [], 0, 0
-        dropped = timed_out = 0
-        finish_times: list[float] = []
-        for user in cohort:
-            user = int(user)
-            fault = faults(user, round_number)
-            if fault == "drop":  # gone mid-round: no reply at all
-                dropped += 1
-                continue
+    reason = why_not(run.model, run.task, local_cfg, run.private)
+    vectorized = cfg.vectorize == "on" or (cfg.vectorize == "auto" and reason is None)
+    if cfg.vectorize == "on" and reason is not None:
+        raise ValueError(f"config key vectorize = 'on': cannot vectorise here: {reason}")
+    if vectorized:
+        log.info("training each cohort vectorised (chunks of %d clients)", cfg.vectorize_chunk)
+    else:
+        log.info("training clients one by one: %s", reason or "vectorize = 'off'")
+
+    def trained(round_number: int, users: list[int], weights: Weights):
+        """(user, LocalResult or the FloatingPointError of a diverged client), in order."""
+        if vectorized:
+            for start in range(0, len(users), cfg.vectorize_chunk):
+                chunk = users[start : start + cfg.vectorize_chunk]
+                results = cohort_updates(
+                    run.model,
+                    run.task,
+                    weights,
+                    [run.dataset.user_data(u) for u in chunk],
+                    local_cfg,
+                    [client_seed(cfg.seed, round_number, u) for u in chunk],
+                    clip_on_client,
+                )
+                yield from zip(chunk, results, strict=True)
+            return
+        for user in users:
             run.load_client(user)
             try:
-                if fault == "fail":
-                    raise SimulatedFailure(f"simulated failure of user {user}")
                 res = local_update(
                     run.model,
                     run.task,
@@ -86,9 +98,33 @@ def simulate(
                     client_seed(cfg.seed, round_number, user),
                     clip_on_client,
                 )
-            except (FloatingPointError, SimulatedFailure) as err:
+            except FloatingPointError as err:
+                yield user, err
+                continue
+            yield user, res
+
+    def collect(
+        round_number: int, cohort: np.ndarray, weights: Weights, agg: RoundAggregator
+    ) -> dict[str, Any]:
+        weights = {n: w.to(run.device) for n, w in weights.items()}
+        losses, norms, clipped, failed = [], [], 0, 0
+        dropped = timed_out = 0
+        finish_times: list[float] = []
+        users = []
+        for user in cohort:
+            user = int(user)
+            fault = faults(user, round_number)
+            if fault == "drop":  # gone mid-round: no reply at all
+                dropped += 1
+            elif fault == "fail":
                 failed += 1
-                log.warning("user %d failed in round %d: %s", user, round_number, err)
+                log.warning("user %d failed in round %d: simulated failure", user, round_number)
+            else:
+                users.append(user)
+        for user, res in trained(round_number, users, weights):
+            if isinstance(res, FloatingPointError):
+                failed += 1
+                log.warning("user %d failed in round %d: %s", user, round_number, res)
                 continue
             run.keep_client(user)  # the client trained (and keeps its state) even if late
             if cfg.sim_step_seconds > 0:

@@ -1,0 +1,195 @@
+"""A whole cohort's local training as one computation (``torch.func``: ``functional_call``,
+``grad_and_value``, ``vmap``).
+
+Each client has its own stacked copy of the parameters and of its optimizer state; one step
+trains every client on its own batch at once. Clients of unequal size are padded: examples by a
+mask in a masked-mean loss (equal to the mean over the client's real examples), steps by an
+"active" flag (a client that has run out of steps keeps its parameters and optimizer state).
+The batches are exactly those of the sequential path (:func:`dpfl.client.train.batches` with
+the same per-client seed), and the SGD and Adam updates are torch's formulas, so the result
+equals :func:`dpfl.client.train.local_update` to float rounding (tested within 1e-5).
+
+What cannot be vectorised falls back to the sequential path, and :func:`why_not` says why:
+tasks without a per-example loss, models with dropout or running statistics, client-private
+parameters, speech batches by seconds, weight projection (NaP), optimizers other than SGD and
+Adam, and data that is not a set of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from dpfl.client.train import LocalResult, LocalTrainConfig, Weights, batches
+from dpfl.models.tasks import ClientData, Task
+from dpfl.privacy.clipping import ClipConfig, clip_update
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def why_not(model: nn.Module, task: Task, cfg: LocalTrainConfig, private=None) -> str | None:
+    """None when a cohort of this setting can be trained vectorised, else the reason."""
+    from dpfl.models.normalization import running_stat_names
+
+    if not hasattr(task, "per_example_loss"):
+        return f"task {getattr(task, 'name', task)!r} has no per-example loss"
+    if cfg.optimizer not in OPTIMIZERS:
+        return f"optimizer {cfg.optimizer!r} has no vectorised form (only {', '.join(OPTIMIZERS)})"
+    if cfg.batch_seconds > 0:
+        return "batches by seconds of audio (speech) have data-dependent shapes"
+    if private is not None:
+        return "clients keep private parameters or statistics between rounds"
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return "the model uses dropout (random state per client)"
+    if running_stat_names(model) or any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        return "the model keeps running statistics"
+    if getattr(model, "nap_norms", None):
+        return "weights are projected after each step (Normalize-and-Project)"
+    return None
+
+
+def _stack_data(datas: Sequence[ClientData]) -> dict[str, torch.Tensor]:
+    """Every client's tensors, padded to the largest client: (K, N_max, ...)."""
+    if not all(hasattr(d, "tensors") for d in datas):
+        raise TypeError("vectorised training needs tensor data (TensorData)")
+    n_max = max(len(d) for d in datas)
+    out = {}
+    for key in datas[0].tensors:
+        first = datas[0].tensors[key]
+        stacked = torch.zeros((len(datas), n_max, *first.shape[1:]), dtype=first.dtype)
+        for k, d in enumerate(datas):
+            stacked[k, : len(d)] = d.tensors[key]
+        out[key] = stacked
+    return out
+
+
+def cohort_updates(
+    model: nn.Module,
+    task: Task,
+    weights: Weights,
+    datas: Sequence[ClientData],
+    cfg: LocalTrainConfig,
+    seeds: Sequence[int],
+    clip: ClipConfig | None = None,
+) -> list[LocalResult | FloatingPointError]:
+    """Train every client of ``datas`` from ``weights`` at once; one result per client, in
+    order, each as :func:`dpfl.client.train.local_update` would return it (the delta clipped on
+    the client when ``clip`` is given), or the error of a client whose training diverged."""
+    reason = why_not(model, task, cfg)
+    if reason is not None:
+        raise ValueError(f"cannot vectorise: {reason}")
+    k_clients = len(datas)
+    if k_clients == 0:
+        return []
+    device = next(model.parameters()).device
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n in weights]
+    frozen = {
+        n: p.detach() for n, p in model.named_parameters() if n not in names
+    }  # not trained, not sent
+    # the batches of the sequential path, client by client
+    plans = [
+        list(batches(d, cfg, torch.Generator().manual_seed(int(s))))
+        for d, s in zip(datas, seeds, strict=True)
+    ]
+    steps = max((len(p) for p in plans), default=0)
+    width = max((len(i) for p in plans for i in p), default=1)
+    index = torch.zeros(k_clients, max(steps, 1), width, dtype=torch.long)
+    mask = torch.zeros(k_clients, max(steps, 1), width)
+    for k, plan in enumerate(plans):
+        for s, idx in enumerate(plan):
+            index[k, s, : len(idx)] = idx
+            mask[k, s, : len(idx)] = 1.0
+    active = mask.sum(-1) > 0  # (K, S)
+    data = {key: t.to(device) for key, t in _stack_data(datas).items()}
+    index, mask, active = index.to(device), mask.to(device), active.to(device)
+    rows = torch.arange(k_clients, device=device)[:, None]
+
+    params = {n: weights[n].to(device, torch.float32).expand(k_clients, *weights[n].shape).clone()
+              for n in names}  # fmt: skip
+    opt = cfg.options
+    state = {n: {} for n in names}
+
+    def loss_fn(p, batch, m):
+        def forward(x):
+            return functional_call(model, {**frozen, **p}, (x,))
+
+        losses = task.per_example_loss(forward, batch)
+        return (losses * m).sum() / m.sum().clamp_min(1.0)
+
+    grad_fn = vmap(grad_and_value(loss_fn))
+    loss_sums = torch.zeros(k_clients, device=device)
+    was_training = model.training
+    model.train()
+    for s in range(steps):
+        batch = {key: t[rows, index[:, s]] for key, t in data.items()}
+        grads, losses = grad_fn(params, batch, mask[:, s])
+        on = active[:, s]
+        loss_sums += torch.where(on, losses.detach(), torch.zeros_like(losses))
+        if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
+            total = torch.sqrt(sum(g.reshape(k_clients, -1).pow(2).sum(1) for g in grads.values()))
+            coef = (cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
+            grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))) for n, g in grads.items()}
+        with torch.no_grad():
+            for n in names:
+                p, g, st = params[n], grads[n], state[n]
+                shape = (-1, *([1] * (p.dim() - 1)))
+                live = on.view(shape)
+                if opt.weight_decay:
+                    g = g + opt.weight_decay * p
+                if cfg.optimizer == "sgd":
+                    if opt.momentum:
+                        if "buf" not in st:  # torch: the first step's buffer is the gradient
+                            st["buf"] = torch.where(live, g, torch.zeros_like(g))
+                            st["started"] = on.clone()
+                        else:
+                            new = torch.where(
+                                st["started"].view(shape), opt.momentum * st["buf"] + g, g
+                            )
+                            st["buf"] = torch.where(live, new, st["buf"])
+                            st["started"] = st["started"] | on
+                        g = st["buf"]
+                    params[n] = torch.where(live, p - cfg.lr * g, p)
+                else:  # adam, torch's formula (no amsgrad)
+                    if "m" not in st:
+                        st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                        st["t"] = torch.zeros(k_clients, device=device)
+                    t = st["t"] + on.float()
+                    m = torch.where(live, opt.beta1 * st["m"] + (1 - opt.beta1) * g, st["m"])
+                    v = torch.where(live, opt.beta2 * st["v"] + (1 - opt.beta2) * g * g, st["v"])
+                    tt = t.clamp_min(1.0).view(shape)
+                    bc1 = 1 - opt.beta1**tt
+                    bc2 = 1 - opt.beta2**tt
+                    denom = v.sqrt() / bc2.sqrt() + opt.eps
+                    params[n] = torch.where(live, p - (cfg.lr / bc1) * m / denom, p)
+                    st["m"], st["v"], st["t"] = m, v, t
+    model.train(was_training)
+    results: list[LocalResult | FloatingPointError] = []
+    counts = active.sum(1)
+    for k in range(k_clients):
+        delta = {n: (params[n][k] - weights[n].to(device, torch.float32)) for n in names}
+        if not all(torch.isfinite(d).all() for d in delta.values()):
+            # as the sequential path raises for this client: the others are unaffected
+            results.append(FloatingPointError("local training diverged: non-finite update"))
+            continue
+        stats = None
+        if clip is not None:
+            delta, stats = clip_update(
+                delta, clip, reference={n: w.shape for n, w in weights.items()}
+            )
+        n_steps = int(counts[k]) if steps else 0
+        results.append(
+            LocalResult(
+                delta={n: d.cpu() for n, d in delta.items()},
+                num_examples=len(datas[k]),
+                steps=n_steps,
+                train_loss=float(loss_sums[k]) / n_steps if n_steps else math.nan,
+                clip_stats=stats,
+            )
+        )
+    return results
