@@ -27,12 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpfl.simulations.flower_local import (  # noqa: E402
-    BIN,
-    ROOT,
-    flower_env,
+    deployment_home,
     flwr_run,
     free_port,
+    make_test_certs,
     run_status,
+    superlink_command,
+    supernode_command,
 )
 
 
@@ -63,20 +64,9 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="dpfl-load-"))
-    certs = tmp / "certs"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_test_certs.py"), str(certs), "--nodes", "0"],
-        check=True,
-        capture_output=True,
-    )
+    certs = make_test_certs(tmp / "certs")
     port = free_port()
-    home = tmp / "flwr"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "load"\n[superlink.load]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n'
-    )
-    env = flower_env(home)
+    env = deployment_home(tmp / "flwr", "load", port, certs / "ca.crt")
     procs: list[subprocess.Popen] = []
     peak = [0.0]
     stop = threading.Event()
@@ -101,33 +91,14 @@ def main() -> int:
     sampler.start()
     t_start = time.perf_counter()
     try:
-        start(
-            [
-                str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile", str(certs / "ca.crt"),
-                "--ssl-certfile", str(certs / "server.crt"),
-                "--ssl-keyfile", str(certs / "server.key"),
-                "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1", "--port", str(port),
-            ],
-            "superlink.log",
-        )  # fmt: skip
+        start(superlink_command(port, certs), "superlink.log")
         deadline = time.monotonic() + 120
         while "Uvicorn running on https" not in (tmp / "superlink.log").read_text():
             if time.monotonic() > deadline:
                 raise SystemExit("the SuperLink did not start")
             time.sleep(0.5)
         for i in range(args.nodes):
-            start(
-                [
-                    str(BIN / "flower-supernode"),
-                    "--root-certificates", str(certs / "ca.crt"),
-                    "--superlink", f"127.0.0.1:{port}",
-                    "--port", str(free_port()),
-                    "--node-config", f"partition-id={i} num-partitions={args.nodes}",
-                ],
-                f"supernode-{i}.log",
-            )  # fmt: skip
+            start(supernode_command(port, i, args.nodes, certs / "ca.crt"), f"supernode-{i}.log")
         idle = flower_memory_mib()
         t_run = time.perf_counter()
         run_dir = tmp / "run"

@@ -12,8 +12,7 @@ import torch
 from dpfl.config import RunConfig
 from dpfl.simulations.engine import simulate
 from dpfl.simulations.flower_local import (
-    BIN,
-    flower_env,
+    deployment_home,
     flwr_run,
     flwr_run_simulation,
     free_port,
@@ -22,6 +21,8 @@ from dpfl.simulations.flower_local import (
     pids_matching,
     run_status,
     stop_local_superlink,
+    superlink_command,
+    supernode_command,
     wait_for_port,
 )
 
@@ -71,29 +72,15 @@ def test_flwr_run_simulation_matches_the_in_process_simulator(local_sim, tmp_pat
 
 
 def test_deployment_on_loopback_two_supernodes(tmp_path):
-    home = tmp_path / "flwr"
-    home.mkdir()
     port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local-deployment"\n'
-        f'[superlink.local-deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    env = flower_env(home)
+    env = deployment_home(tmp_path / "flwr", "local-deployment", port, None)
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = []
     try:
         procs.append(
             subprocess.Popen(
-                [
-                    str(BIN / "flower-superlink"),
-                    "--insecure",
-                    "--disable-runtime-dependency-installation",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
+                superlink_command(port),
                 env=env,
                 stdout=open(logs / "superlink.log", "w"),
                 stderr=subprocess.STDOUT,
@@ -104,16 +91,7 @@ def test_deployment_on_loopback_two_supernodes(tmp_path):
         for i in range(2):
             procs.append(
                 subprocess.Popen(
-                    [
-                        str(BIN / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{port}",
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
-                        f"partition-id={i} num-partitions=2",
-                    ],
+                    supernode_command(port, i, 2),
                     env=env,
                     stdout=open(logs / f"supernode{i}.log", "w"),
                     stderr=subprocess.STDOUT,

@@ -9,13 +9,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from dpfl.simulations.flower_local import BIN, ROOT, flower_env, flwr_run, free_port, run_status
+from dpfl.simulations.flower_local import (
+    BIN,
+    ROOT,
+    deployment_home,
+    flwr_run,
+    free_port,
+    make_test_certs,
+    run_status,
+    superlink_command,
+    supernode_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -67,33 +76,10 @@ def procs(tmp_path):
 
 
 def test_tls_and_supernode_authentication_on_loopback(tmp_path, procs):
-    certs = tmp_path / "certs"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_test_certs.py"), str(certs), "--nodes", "2"],
-        check=True,
-        capture_output=True,
-    )
+    certs = make_test_certs(tmp_path / "certs", nodes=2)
     port = free_port()
-    home = tmp_path / "flwr"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "secure"\n[superlink.secure]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n'
-    )
-    env = flower_env(home)
-    procs.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.crt"),
-            "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(port),
-        ],
-        env,
-    )  # fmt: skip
+    env = deployment_home(tmp_path / "flwr", "secure", port, certs / "ca.crt")
+    procs.start("superlink", superlink_command(port, certs, node_auth=True), env)
     wait_until(lambda: "Uvicorn running on https" in procs.log("superlink"), 120, "SuperLink")
 
     # register node 0's public key only
@@ -104,19 +90,8 @@ def test_tls_and_supernode_authentication_on_loopback(tmp_path, procs):
     assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
 
     def supernode(name: str, key: str, root: str, partition: int) -> subprocess.Popen:
-        return procs.start(
-            name,
-            [
-                str(BIN / "flower-supernode"),
-                "--root-certificates", str(certs / root),
-                "--superlink", f"127.0.0.1:{port}",
-                "--auth-supernode-private-key", str(certs / key),
-                "--port", str(free_port()),
-                "--max-retries", "2",
-                "--node-config", f"partition-id={partition} num-partitions=2",
-            ],
-            env,
-        )  # fmt: skip
+        cmd = supernode_command(port, partition, 2, certs / root, certs / key, max_retries=2)
+        return procs.start(name, cmd, env)
 
     authorised = supernode("authorised", "node-0.key", "ca.crt", 0)
     unregistered = supernode("unregistered", "node-1.key", "ca.crt", 1)

@@ -95,7 +95,7 @@ def handle_train(
             metrics["diag-clipped"] = int(res.clip_stats.clipped)
     kept = private_weights(model, is_private, buffers) if is_private is not None else {}
     return (
-        {n: d.cpu() for n, d in res.delta.items()},
+        res.delta,  # float32 on the CPU, clipped when DP is on
         metrics,
         {n: t.cpu() for n, t in kept.items()},
     )

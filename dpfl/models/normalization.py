@@ -61,14 +61,26 @@ def _groups(channels: int, wanted: int) -> int:
     return g
 
 
+def _other_dims(t: torch.Tensor) -> list[int]:
+    """Every dimension but 1 (channels) of a (B, C, *) tensor."""
+    return [d for d in range(t.dim()) if d != 1]
+
+
 def _channels_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but 1 (channels), for (B, C, *) tensors."""
-    dims = [d for d in range(t.dim()) if d != 1]
-    return t.mean(dim=dims)
+    return t.mean(dim=_other_dims(t))
 
 
 def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _scaled(x: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(var + eps), ``var`` per channel: the quadratic-mean normalisation."""
+    return x / (_per_channel(var, x) + eps).sqrt()
+
+
+def _affine(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _per_channel(weight, z) * z + _per_channel(bias, z)
 
 
 # --- PowerNorm ----------------------------------------------------------------------------------
@@ -86,10 +98,10 @@ class _PowerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, psi2, ema_gz, eps, alpha_bkw):
-        z = x / (_per_channel(psi2, x) + eps).sqrt()
+        z = _scaled(x, psi2, eps)
         ctx.save_for_backward(z, psi2, weight, ema_gz)
         ctx.eps, ctx.alpha_bkw = eps, alpha_bkw
-        return _per_channel(weight, x) * z + _per_channel(bias, x)
+        return _affine(z, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -98,8 +110,8 @@ class _PowerFunction(torch.autograd.Function):
         approx = g - (1 - ctx.alpha_bkw) * _per_channel(ema_gz, z) * z
         with torch.no_grad():
             ema_gz.add_(_channels_mean(approx * z))
-        gx = approx / (_per_channel(psi2, z) + ctx.eps).sqrt()
-        dims = [d for d in range(z.dim()) if d != 1]
+        gx = _scaled(approx, psi2, ctx.eps)
+        dims = _other_dims(z)
         return gx, (grad_out * z).sum(dims), grad_out.sum(dims), None, None, None, None
 
 
@@ -129,8 +141,7 @@ class PowerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            z = x / (_per_channel(self.running_phi, x) + self.eps).sqrt()
-            return _per_channel(self.weight, x) * z + _per_channel(self.bias, x)
+            return _affine(_scaled(x, self.running_phi, self.eps), self.weight, self.bias)
         with torch.no_grad():
             self.steps.add_(1)
             step = float(self.steps)
@@ -154,10 +165,10 @@ class _UNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, var, r, mean_gz_fn, eps):
-        z = x / (_per_channel(var, x) + eps).sqrt()
+        z = _scaled(x, var, eps)
         ctx.save_for_backward(z, var, weight, r)
         ctx.mean_gz_fn, ctx.eps = mean_gz_fn, eps
-        return _per_channel(weight, x) * z + _per_channel(bias, x)
+        return _affine(z, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -165,8 +176,8 @@ class _UNFunction(torch.autograd.Function):
         g = grad_out * _per_channel(weight, z) * _per_channel(r, z)
         ema_gz = ctx.mean_gz_fn(_channels_mean(g * z))  # updates the running correction
         approx = g - _per_channel(ema_gz, z) * z
-        gx = approx / (_per_channel(var, z) + ctx.eps).sqrt()
-        dims = [d for d in range(z.dim()) if d != 1]
+        gx = _scaled(approx, var, ctx.eps)
+        dims = _other_dims(z)
         y = _per_channel(r, z) * z
         return gx, (grad_out * y).sum(dims), grad_out.sum(dims), None, None, None, None
 
@@ -207,8 +218,7 @@ class UnifiedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            z = x / (_per_channel(self.running_var, x) + self.eps).sqrt()
-            return _per_channel(self.weight, x) * z + _per_channel(self.bias, x)
+            return _affine(_scaled(x, self.running_var, self.eps), self.weight, self.bias)
         with torch.no_grad():
             self.steps.add_(1)
             step = int(self.steps)
@@ -271,7 +281,7 @@ class EvoNormB0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            dims = [d for d in range(x.dim()) if d != 1]
+            dims = _other_dims(x)
             batch_var = x.var(dim=dims, unbiased=False)
             with torch.no_grad():
                 self.running_var.mul_(self.momentum).add_((1 - self.momentum) * batch_var)
@@ -282,7 +292,7 @@ class EvoNormB0(nn.Module):
             (_per_channel(batch_var, x) + self.eps).sqrt(),
             _per_channel(self.v, x) * x + (inst_var + self.eps).sqrt(),
         )
-        return x / den * _per_channel(self.weight, x) + _per_channel(self.bias, x)
+        return _affine(x / den, self.weight, self.bias)
 
 
 class EvoNormS0(nn.Module):
@@ -306,7 +316,7 @@ class EvoNormS0(nn.Module):
         std = (grouped.var(dim=-1, keepdim=True, unbiased=False) + self.eps).sqrt()
         std = std.expand(b, self.groups, c // self.groups).reshape(b, c, *([1] * (x.dim() - 2)))
         num = x * torch.sigmoid(_per_channel(self.v, x) * x)
-        return num / std * _per_channel(self.weight, x) + _per_channel(self.bias, x)
+        return _affine(num / std, self.weight, self.bias)
 
 
 # --- Batch-Channel Normalisation + Weight Standardisation ---------------------------------------
@@ -340,7 +350,7 @@ class BatchChannelNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            dims = [d for d in range(x.dim()) if d != 1]
+            dims = _other_dims(x)
             mean = x.mean(dim=dims)
             var = x.var(dim=dims, unbiased=False)
             with torch.no_grad():
@@ -350,8 +360,9 @@ class BatchChannelNorm(nn.Module):
                 mean, var = self.running_mean.clone(), self.running_var.clone()
         else:
             mean, var = self.running_mean, self.running_var
-        x = (x - _per_channel(mean, x)) / (_per_channel(var, x) + self.eps).sqrt()
-        x = x * _per_channel(self.batch_weight, x) + _per_channel(self.batch_bias, x)
+        x = _affine(
+            _scaled(x - _per_channel(mean, x), var, self.eps), self.batch_weight, self.batch_bias
+        )
         return self.channel(x)
 
 

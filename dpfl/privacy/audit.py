@@ -166,7 +166,6 @@ def run_audit(
     canary = as_update(direction * canary_scale * clip_norm)
     mechanism = GaussianMechanism(noise_multiplier, clip_norm, NoiseSource())
     cohort = float(clients + 1)  # expected cohort: the others and the canary
-    d = direction  # as_update's layer order: weight, then bias
 
     def scores(with_canary: bool) -> np.ndarray:
         out = np.empty(trials)
@@ -174,7 +173,7 @@ def run_audit(
             released = _release(
                 others, canary if with_canary else None, clip, mechanism, cohort, mode
             )
-            out[i] = float(released @ d)
+            out[i] = float(released @ direction)  # same layer order as as_update
         return out
 
     pos, neg = scores(True), scores(False)

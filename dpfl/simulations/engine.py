@@ -133,7 +133,7 @@ def simulate(
                     timed_out += 1
                     continue
                 finish_times.append(seconds)
-            agg.add({n: d.cpu() for n, d in res.delta.items()})
+            agg.add(res.delta)  # already on the CPU: what leaves a client
             if cfg.diagnostics:
                 losses.append(res.train_loss)
                 if res.clip_stats is not None:

@@ -167,3 +167,78 @@ def flwr_run_simulation(
         ),
         timeout=timeout,
     )
+
+
+# --- deployments on loopback (tests and benchmarks) -----------------------------------------
+
+
+def make_test_certs(out: Path, nodes: int = 0) -> Path:
+    """Test-only TLS certificates and node keys (``scripts/make_test_certs.py``) in ``out``."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make_test_certs.py"),
+            str(out),
+            "--nodes",
+            str(nodes),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def deployment_home(home: Path, name: str, port: int, root_certificates: Path | None) -> dict:
+    """``home`` with one SuperLink connection ``name`` on ``127.0.0.1:port`` (TLS verified
+    against ``root_certificates``, or insecure when None); return the environment to use."""
+    home.mkdir(parents=True, exist_ok=True)
+    security = (
+        f'root-certificates = "{root_certificates}"\n' if root_certificates else "insecure = true\n"
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n[superlink.{name}]\n'
+        f'address = "127.0.0.1:{port}"\n{security}'
+    )
+    return flower_env(home)
+
+
+def superlink_command(port: int, certs: Path | None = None, node_auth: bool = False) -> list[str]:
+    """``flower-superlink`` on loopback: TLS with ``certs`` (from :func:`make_test_certs`) or
+    insecure, optionally with SuperNode authentication; never installs dependencies."""
+    cmd = [str(BIN / "flower-superlink")]
+    if certs is None:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.crt"),
+            "--ssl-keyfile", str(certs / "server.key"),
+        ]  # fmt: skip
+    if node_auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd + [
+        "--disable-runtime-dependency-installation",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+def supernode_command(
+    port: int,
+    partition: int,
+    partitions: int,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+    max_retries: int | None = None,
+) -> list[str]:
+    """``flower-supernode`` for user ``partition`` against the SuperLink on ``port``."""
+    cmd = [str(BIN / "flower-supernode")]
+    cmd += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    return cmd + [
+        "--superlink", f"127.0.0.1:{port}",
+        "--port", str(free_port()),
+        "--node-config", f"partition-id={partition} num-partitions={partitions}",
+    ]  # fmt: skip
