@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -424,21 +425,36 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue from the run folder's checkpoint"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a per-round time breakdown (data, local training, clipping, aggregation, "
+        "noise, server step, accounting, evaluation, metrics) at the end",
+    )
     _add_config_keys(p)
     p.set_defaults(func=_cmd_simulate)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from dpfl.profiling import profiled
     from dpfl.report import statement_lines
     from dpfl.simulations.engine import simulate
 
     cfg = _config_from_args(args)
-    try:
-        summary = simulate(cfg, resume=args.resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        raise CliError(str(err)) from None
+    with profiled() if args.profile else nullcontext() as profile:
+        try:
+            summary = simulate(cfg, resume=args.resume, progress=not args.quiet)
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            raise CliError(str(err)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # another rank of a torchrun job: rank 0 reports
     print("\n".join(statement_lines({"config": cfg.to_dict()}, summary)))
     print(f"run folder: {cfg.run_dir} (dpfl report {cfg.run_dir} for plots)")
+    if profile is not None:
+        print("\nper-round time breakdown (round 1 apart: warm-up):")
+        print(profile.table())
     return 0
 
 

@@ -37,6 +37,7 @@ from dpfl.privacy.accounting import (
     calibrate_noise_multiplier,
     epsilon_for_segments,
 )
+from dpfl.profiling import round_done, section
 from dpfl.server.round import (
     RoundAggregator,
     ServerSpec,
@@ -298,14 +299,21 @@ def _json_value(v: Any) -> Any:
 class RunWriter:
     """The run folder: ``config.toml``-like ``config.json``, ``metrics.jsonl``, ``summary.json``."""
 
-    def __init__(self, run_dir: str | Path, resume: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, resume: bool = False, enabled: bool = True) -> None:
+        """``enabled = False``: a writer that reads but never writes (the other ranks of a
+        distributed simulation; rank 0 writes)."""
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
         self.metrics_path = self.dir / "metrics.jsonl"
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         if not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
 
     def write_config(self, cfg: RunConfig, extra: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         data = {"config": cfg.to_dict(), **extra, "machine": platform.platform()}
         (self.dir / "config.json").write_text(json.dumps(_json_value(data), indent=2) + "\n")
 
@@ -316,19 +324,26 @@ class RunWriter:
             return 0
         lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
         keep = [line for line in lines if json.loads(line).get("round", 0) <= round_number]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        if self.enabled:
+            self.metrics_path.write_text("".join(line + "\n" for line in keep))
         return len(lines) - len(keep)
 
     def append(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"time": time.time(), **metrics}
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(_json_value(record)) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         (self.dir / "summary.json").write_text(json.dumps(_json_value(summary), indent=2) + "\n")
 
     def write_model(self, weights: dict[str, torch.Tensor]) -> None:
         """The final global model (trainable parameters), readable with weights_only=True."""
+        if not self.enabled:
+            return
         torch.save(weights, self.dir / "model.pt")
 
     @property
@@ -345,10 +360,22 @@ class FederatedRun:
     evaluation, metrics, checkpoints, summary. Only ``collect`` differs: in process (the
     simulator) or through Flower messages (the strategy)."""
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        primary: bool = True,
+        ranks: int = 1,
+    ) -> None:
+        """``primary = False``: another rank of a distributed simulation (of ``ranks``), which
+        runs the rounds but neither evaluates nor writes the run folder."""
         self.started = time.perf_counter()
+        self.ranks = ranks
         self.cfg = cfg
-        self.writer = RunWriter(cfg.run_dir, resume=resume)
+        self.primary = primary
+        self.writer = RunWriter(cfg.run_dir, resume=resume, enabled=primary)
         torch.manual_seed(cfg.seed)  # the initial model
         self.device = pick_device(cfg)
         self.task = build_task(cfg)
@@ -388,7 +415,7 @@ class FederatedRun:
                 )
                 log.warning("charging %d replayed rounds to the privacy budget", replayed)
             log.info("resumed from round %d", self.state.round)
-        self.progress = progress
+        self.progress = progress and primary
         self.writer.write_config(
             cfg,
             {
@@ -400,6 +427,8 @@ class FederatedRun:
         )
 
     def evaluate(self) -> dict[str, float]:
+        if not self.primary:
+            return {}
         if self.private and hasattr(self.task, "evaluate_federated"):
             # per client, with its private parameters (available in simulation only)
             return self.task.evaluate_federated(
@@ -475,13 +504,14 @@ class FederatedRun:
                 attempt = 0
                 while True:
                     # a retry draws a fresh cohort (same schedule q, another draw)
-                    cohort = sample_cohort(
-                        cfg.population,
-                        cfg.sample_rate,
-                        cfg.seed + 7919 * attempt,
-                        round_number,
-                        cfg.sampling,
-                    )
+                    with section("sampling"):
+                        cohort = sample_cohort(
+                            cfg.population,
+                            cfg.sample_rate,
+                            cfg.seed + 7919 * attempt,
+                            round_number,
+                            cfg.sampling,
+                        )
                     agg = state.begin_round()
                     extra = collect(round_number, cohort, state.weights(), agg)
                     if agg.accepted >= cfg.min_replies:
@@ -507,21 +537,25 @@ class FederatedRun:
                     metrics.setdefault("diag_update_norm_mean", float(np.mean(agg.norms)))
                     metrics.setdefault("diag_fraction_clipped", agg.clipped / len(agg.norms))
                 if round_number % cfg.eval_every == 0 or round_number == cfg.rounds:
-                    last_eval = self.evaluate()
+                    with section("evaluation"):
+                        last_eval = self.evaluate()
                     metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
-                round_times.append(time.perf_counter() - t0)
-                metrics["seconds"] = round_times[-1]
-                self.writer.append(metrics)
-                if cfg.checkpoint_every and round_number % cfg.checkpoint_every == 0:
-                    save_checkpoint(
-                        self.writer.checkpoint_path,
-                        {
-                            "config": cfg.to_dict(),
-                            "server": state.state_dict(),
-                            "clients": self.private_store,
-                        },
-                    )
-                bar.update(metrics, self.task.metric)
+                with section("metrics"):
+                    round_times.append(time.perf_counter() - t0)
+                    metrics["seconds"] = round_times[-1]
+                    self.writer.append(metrics)
+                    checkpoint = cfg.checkpoint_every and round_number % cfg.checkpoint_every == 0
+                    if checkpoint and self.primary:
+                        save_checkpoint(
+                            self.writer.checkpoint_path,
+                            {
+                                "config": cfg.to_dict(),
+                                "server": state.state_dict(),
+                                "clients": self.private_store,
+                            },
+                        )
+                    bar.update(metrics, self.task.metric)
+                round_done(time.perf_counter() - t0)
         finally:
             bar.close()
         statement = privacy_statement(
@@ -537,6 +571,7 @@ class FederatedRun:
             "median_round_seconds": float(np.median(round_times)) if round_times else None,
             "wall_seconds": time.perf_counter() - self.started,
             "device": str(self.device),
+            "ranks": self.ranks,
             "diagnostics_note": "diag_* metrics are per-client statistics NOT covered by the DP "
             "guarantee (non-private diagnostics)",
         }

@@ -276,3 +276,20 @@ def test_audit_command(capsys):
     assert r["mode"] == "no-noise" and r["epsilon_lower_bound"] > r["claimed_epsilon"]
     assert main(["audit", "--trials", "200", "--modes", "off"]) == 2
     assert "unknown audit mode 'off'" in capsys.readouterr().err
+
+
+def test_simulate_profile_prints_a_per_round_breakdown(tmp_path, capsys):
+    args = ["simulate", "--quiet", "--profile", "--run-dir", str(tmp_path / "run")]
+    small = ["--population", "200", "--cohort-size", "20", "--rounds", "3", "--eval-every", "3"]
+    assert main([*args, *small, "--noise-multiplier", "1.0", "--target-epsilon", "0"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("per-round time breakdown")[1].splitlines()
+    assert "round 1 ms" in table[1] and "rounds 2-3 ms" in table[1]
+    rows = {line[:18].strip(): line[18:].split() for line in table[2:] if line.strip()}
+    for phase in ("local training", "clipping", "aggregation", "noise", "accounting"):
+        assert phase in rows, (phase, table)
+    # the phases and "other" add up to the round's total (shares sum to 100 %)
+    shares = [float(v[-1].rstrip("%")) for k, v in rows.items() if k != "round (total)"]
+    assert sum(shares) == pytest.approx(100.0, abs=0.5)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]

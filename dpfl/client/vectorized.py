@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from dpfl.client.train import LocalResult, LocalTrainConfig, Weights, batches
 from dpfl.models.tasks import ClientData, Task
-from dpfl.privacy.clipping import ClipConfig, clip_update
+from dpfl.privacy.clipping import ClipConfig, ClipStats, StackedClipStats, clip_stacked
+from dpfl.profiling import section
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -69,6 +71,88 @@ def _stack_data(datas: Sequence[ClientData]) -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclass
+class CohortUpdate:
+    """A trained cohort (or chunk), still stacked: row k of every tensor is client k's."""
+
+    deltas: dict[str, torch.Tensor]
+    """name -> (K, *shape) float32 deltas on the training device; clipped when a ClipConfig
+    was given (rows of clients whose training diverged are zeros: see ``finite``)."""
+    finite: torch.Tensor
+    """(K,) bool: the client's training stayed finite (false: drop it, as the sequential path
+    drops a client whose training raised FloatingPointError)."""
+    steps: list[int]
+    num_examples: list[int]
+    train_loss: list[float]
+    clip_stats: StackedClipStats | None
+
+    def results(self) -> list[LocalResult | FloatingPointError]:
+        """One :class:`LocalResult` per client (deltas moved to the CPU), or the error of a
+        client whose training diverged: what :func:`dpfl.client.train.local_update` returns."""
+        out: list[LocalResult | FloatingPointError] = []
+        finite = self.finite.tolist()
+        cpu = {n: d.cpu() for n, d in self.deltas.items()}
+        st = self.clip_stats
+        if st is not None:
+            norms, layers = st.norms.tolist(), st.layer_norms.tolist()
+            clipped, scales = st.clipped.tolist(), st.scales.tolist()
+            n_clipped, after = st.layers_clipped.tolist(), st.norm_after.tolist()
+        for k, ok in enumerate(finite):
+            if not ok:
+                out.append(FloatingPointError("local training diverged: non-finite update"))
+                continue
+            stats = None
+            if st is not None:
+                stats = ClipStats(
+                    norm=norms[k],
+                    layer_norms=tuple(layers[k]),
+                    scales=tuple(scales[k]),
+                    clipped=bool(clipped[k]),
+                    layers_clipped=int(n_clipped[k]),
+                    norm_after=after[k],
+                )
+            out.append(
+                LocalResult(
+                    delta={n: d[k] for n, d in cpu.items()},
+                    num_examples=self.num_examples[k],
+                    steps=self.steps[k],
+                    train_loss=self.train_loss[k],
+                    clip_stats=stats,
+                )
+            )
+        return out
+
+
+def _plan(
+    datas: Sequence[ClientData], cfg: LocalTrainConfig, seeds: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, mask) of shape (K, S, B): each client's batches, exactly those of the sequential
+    path (:func:`dpfl.client.train.batches` with the same seed), padded with masked slots."""
+    plans = [
+        list(batches(d, cfg, torch.Generator().manual_seed(int(s))))
+        for d, s in zip(datas, seeds, strict=True)
+    ]
+    steps = max(1, max((len(p) for p in plans), default=0))
+    width = max((len(i) for p in plans for i in p), default=1)
+    k_clients = len(datas)
+    index = torch.zeros(k_clients * steps, width, dtype=torch.long)
+    mask = torch.zeros(k_clients * steps, width)
+    rows, flat = [], []
+    for k, plan in enumerate(plans):
+        for s, idx in enumerate(plan):
+            if len(idx) == width:  # the common case: full batches, filled in one copy below
+                rows.append(k * steps + s)
+                flat.append(idx)
+            else:
+                index[k * steps + s, : len(idx)] = idx
+                mask[k * steps + s, : len(idx)] = 1.0
+    if rows:
+        at = torch.tensor(rows)
+        index[at] = torch.stack(flat)
+        mask[at] = 1.0
+    return index.view(k_clients, steps, width), mask.view(k_clients, steps, width)
+
+
 def cohort_updates(
     model: nn.Module,
     task: Task,
@@ -81,37 +165,45 @@ def cohort_updates(
     """Train every client of ``datas`` from ``weights`` at once; one result per client, in
     order, each as :func:`dpfl.client.train.local_update` would return it (the delta clipped on
     the client when ``clip`` is given), or the error of a client whose training diverged."""
+    if not datas:
+        return []
+    return train_cohort(model, task, weights, datas, cfg, seeds, clip).results()
+
+
+def train_cohort(
+    model: nn.Module,
+    task: Task,
+    weights: Weights,
+    datas: Sequence[ClientData],
+    cfg: LocalTrainConfig,
+    seeds: Sequence[int],
+    clip: ClipConfig | None = None,
+) -> CohortUpdate:
+    """Train every client of ``datas`` from ``weights`` at once and keep the result stacked:
+    each row as :func:`dpfl.client.train.local_update` computes that client's delta, clipped
+    per client (:func:`dpfl.privacy.clipping.clip_stacked`) when ``clip`` is given, so no
+    unclipped delta leaves this function."""
     reason = why_not(model, task, cfg)
     if reason is not None:
         raise ValueError(f"cannot vectorise: {reason}")
     k_clients = len(datas)
     if k_clients == 0:
-        return []
+        raise ValueError("a cohort needs at least one client")
     device = next(model.parameters()).device
     names = [n for n, p in model.named_parameters() if p.requires_grad and n in weights]
     frozen = {
         n: p.detach() for n, p in model.named_parameters() if n not in names
     }  # not trained, not sent
-    # the batches of the sequential path, client by client
-    plans = [
-        list(batches(d, cfg, torch.Generator().manual_seed(int(s))))
-        for d, s in zip(datas, seeds, strict=True)
-    ]
-    steps = max((len(p) for p in plans), default=0)
-    width = max((len(i) for p in plans for i in p), default=1)
-    index = torch.zeros(k_clients, max(steps, 1), width, dtype=torch.long)
-    mask = torch.zeros(k_clients, max(steps, 1), width)
-    for k, plan in enumerate(plans):
-        for s, idx in enumerate(plan):
-            index[k, s, : len(idx)] = idx
-            mask[k, s, : len(idx)] = 1.0
-    active = mask.sum(-1) > 0  # (K, S)
-    data = {key: t.to(device) for key, t in _stack_data(datas).items()}
-    index, mask, active = index.to(device), mask.to(device), active.to(device)
+    with section("data"):
+        index, mask = _plan(datas, cfg, seeds)
+        steps = index.shape[1]
+        active = mask.sum(-1) > 0  # (K, S)
+        counts = active.sum(1).tolist()
+        data = {key: t.to(device) for key, t in _stack_data(datas).items()}
+        index, mask, active = index.to(device), mask.to(device), active.to(device)
     rows = torch.arange(k_clients, device=device)[:, None]
-
-    params = {n: weights[n].to(device, torch.float32).expand(k_clients, *weights[n].shape).clone()
-              for n in names}  # fmt: skip
+    start = {n: weights[n].to(device, torch.float32) for n in names}
+    params = {n: start[n].expand(k_clients, *start[n].shape).clone() for n in names}
     opt = cfg.options
     state = {n: {} for n in names}
 
@@ -126,70 +218,69 @@ def cohort_updates(
     loss_sums = torch.zeros(k_clients, device=device)
     was_training = model.training
     model.train()
-    for s in range(steps):
-        batch = {key: t[rows, index[:, s]] for key, t in data.items()}
-        grads, losses = grad_fn(params, batch, mask[:, s])
-        on = active[:, s]
-        loss_sums += torch.where(on, losses.detach(), torch.zeros_like(losses))
-        if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
-            total = torch.sqrt(sum(g.reshape(k_clients, -1).pow(2).sum(1) for g in grads.values()))
-            coef = (cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
-            grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))) for n, g in grads.items()}
-        with torch.no_grad():
-            for n in names:
-                p, g, st = params[n], grads[n], state[n]
-                shape = (-1, *([1] * (p.dim() - 1)))
-                live = on.view(shape)
-                if opt.weight_decay:
-                    g = g + opt.weight_decay * p
-                if cfg.optimizer == "sgd":
-                    if opt.momentum:
-                        if "buf" not in st:  # torch: the first step's buffer is the gradient
-                            st["buf"] = torch.where(live, g, torch.zeros_like(g))
-                            st["started"] = on.clone()
-                        else:
-                            new = torch.where(
-                                st["started"].view(shape), opt.momentum * st["buf"] + g, g
-                            )
-                            st["buf"] = torch.where(live, new, st["buf"])
-                            st["started"] = st["started"] | on
-                        g = st["buf"]
-                    params[n] = torch.where(live, p - cfg.lr * g, p)
-                else:  # adam, torch's formula (no amsgrad)
-                    if "m" not in st:
-                        st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
-                        st["t"] = torch.zeros(k_clients, device=device)
-                    t = st["t"] + on.float()
-                    m = torch.where(live, opt.beta1 * st["m"] + (1 - opt.beta1) * g, st["m"])
-                    v = torch.where(live, opt.beta2 * st["v"] + (1 - opt.beta2) * g * g, st["v"])
-                    tt = t.clamp_min(1.0).view(shape)
-                    bc1 = 1 - opt.beta1**tt
-                    bc2 = 1 - opt.beta2**tt
-                    denom = v.sqrt() / bc2.sqrt() + opt.eps
-                    params[n] = torch.where(live, p - (cfg.lr / bc1) * m / denom, p)
-                    st["m"], st["v"], st["t"] = m, v, t
+    with section("local training"):
+        for s in range(steps):
+            batch = {key: t[rows, index[:, s]] for key, t in data.items()}
+            grads, losses = grad_fn(params, batch, mask[:, s])
+            on = active[:, s]
+            loss_sums += torch.where(on, losses.detach(), torch.zeros_like(losses))
+            if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
+                total = torch.sqrt(
+                    sum(g.reshape(k_clients, -1).pow(2).sum(1) for g in grads.values())
+                )
+                coef = (cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
+                grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))) for n, g in grads.items()}
+            with torch.no_grad():
+                for n in names:
+                    params[n] = _step(cfg, opt, params[n], grads[n], state[n], on, k_clients)
     model.train(was_training)
-    results: list[LocalResult | FloatingPointError] = []
-    counts = active.sum(1)
-    for k in range(k_clients):
-        delta = {n: (params[n][k] - weights[n].to(device, torch.float32)) for n in names}
-        if not all(torch.isfinite(d).all() for d in delta.values()):
-            # as the sequential path raises for this client: the others are unaffected
-            results.append(FloatingPointError("local training diverged: non-finite update"))
-            continue
-        stats = None
-        if clip is not None:
-            delta, stats = clip_update(
-                delta, clip, reference={n: w.shape for n, w in weights.items()}
-            )
-        n_steps = int(counts[k]) if steps else 0
-        results.append(
-            LocalResult(
-                delta={n: d.cpu() for n, d in delta.items()},
-                num_examples=len(datas[k]),
-                steps=n_steps,
-                train_loss=float(loss_sums[k]) / n_steps if n_steps else math.nan,
-                clip_stats=stats,
-            )
-        )
-    return results
+    deltas = {n: params[n] - start[n] for n in names}
+    stats = None
+    if clip is not None:
+        with section("clipping"):
+            deltas, stats = clip_stacked(deltas, clip, {n: weights[n].shape for n in names})
+            finite = stats.finite
+    else:
+        finite = torch.stack([torch.isfinite(d.reshape(k_clients, -1)).all(1)
+                              for d in deltas.values()], 1).all(1)  # fmt: skip
+    sums = loss_sums.tolist()
+    return CohortUpdate(
+        deltas=deltas,
+        finite=finite,
+        steps=counts,
+        num_examples=[len(d) for d in datas],
+        train_loss=[sums[k] / counts[k] if counts[k] else math.nan for k in range(k_clients)],
+        clip_stats=stats,
+    )
+
+
+def _step(cfg, opt, p, g, st, on, k_clients):
+    """One optimizer step for every client at once (``on``: the clients with a batch)."""
+    shape = (-1, *([1] * (p.dim() - 1)))
+    live = on.view(shape)
+    if opt.weight_decay:
+        g = g + opt.weight_decay * p
+    if cfg.optimizer == "sgd":
+        if opt.momentum:
+            if "buf" not in st:  # torch: the first step's buffer is the gradient
+                st["buf"] = torch.where(live, g, torch.zeros_like(g))
+                st["started"] = on.clone()
+            else:
+                new = torch.where(st["started"].view(shape), opt.momentum * st["buf"] + g, g)
+                st["buf"] = torch.where(live, new, st["buf"])
+                st["started"] = st["started"] | on
+            g = st["buf"]
+        return torch.where(live, p - cfg.lr * g, p)
+    # adam, torch's formula (no amsgrad)
+    if "m" not in st:
+        st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+        st["t"] = torch.zeros(k_clients, device=p.device)
+    t = st["t"] + on.float()
+    m = torch.where(live, opt.beta1 * st["m"] + (1 - opt.beta1) * g, st["m"])
+    v = torch.where(live, opt.beta2 * st["v"] + (1 - opt.beta2) * g * g, st["v"])
+    tt = t.clamp_min(1.0).view(shape)
+    bc1 = 1 - opt.beta1**tt
+    bc2 = 1 - opt.beta2**tt
+    denom = v.sqrt() / bc2.sqrt() + opt.eps
+    st["m"], st["v"], st["t"] = m, v, t
+    return torch.where(live, p - (cfg.lr / bc1) * m / denom, p)

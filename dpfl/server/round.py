@@ -32,9 +32,19 @@ from dpfl.models.optimizers import (
     make_schedule,
 )
 from dpfl.privacy.accounting import PrivacyLedger
-from dpfl.privacy.clipping import ClipConfig, clip_update, norm_violation
+from dpfl.privacy.clipping import (
+    ClipConfig,
+    check_stacked,
+    clip_stacked,
+    clip_update,
+    non_finite_reason,
+    norm_violation,
+    stacked_norms,
+    stacked_violations,
+)
 from dpfl.privacy.mechanisms import GaussianMechanism, NoiseSource
 from dpfl.privacy.updates import l2_norm
+from dpfl.profiling import section
 
 Weights = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -119,6 +129,10 @@ class RoundAggregator:
 
     def add(self, update: Any) -> str | None:
         """Add one client's delta; returns the rejection reason, or None when accepted."""
+        with section("aggregation"):
+            return self._add(update)
+
+    def _add(self, update: Any) -> str | None:
         reason = self.check(update)
         if reason is not None:
             self.reject(reason)
@@ -135,6 +149,57 @@ class RoundAggregator:
                     self.total[n].add_(t)
         self.accepted += 1
         return None
+
+    def add_stacked(self, stacked: dict[str, torch.Tensor]) -> list[str | None]:
+        """Add K clients' deltas given as one stack (name -> (K, *shape), row k = client k),
+        as K calls of :meth:`add` would: every row is checked on its own (finite values; under
+        client-side clipping, within the clip bounds with the shared tolerance) and a row that
+        fails is rejected with its reason while the others enter the sum; under server-side
+        clipping every row is clipped here. Returns one reason (or None) per row.
+
+        Stacks are built in process by a vectorised engine, so a malformed stack (wrong names,
+        shapes or dtype) is a programming error and raises instead of being counted.
+        """
+        with section("aggregation"):
+            return self._add_stacked(stacked)
+
+    def _add_stacked(self, stacked: dict[str, torch.Tensor]) -> list[str | None]:
+        for name, t in stacked.items():
+            if isinstance(t, torch.Tensor) and t.dtype != torch.float32:
+                raise TypeError(f"{name} has dtype {t.dtype}, expected torch.float32")
+        spec = self.spec
+        if spec.dp and spec.clip_location == "client":
+            reasons = stacked_violations(stacked, spec.clip, self.shapes)
+        else:
+            stacked = check_stacked(stacked, self.shapes)
+            total, layer = stacked_norms(stacked)
+            names = list(stacked)
+            reasons = [
+                None if ok else non_finite_reason(names, layer[k])
+                for k, ok in enumerate(torch.isfinite(total).tolist())
+            ]
+        for reason in reasons:
+            if reason is not None:
+                self.reject(reason)
+        keep = [k for k, r in enumerate(reasons) if r is None]
+        if not keep:
+            return reasons
+        if len(keep) < len(reasons):
+            index = torch.tensor(keep, device=next(iter(stacked.values())).device)
+            stacked = {n: t.index_select(0, index) for n, t in stacked.items()}
+        if spec.dp and spec.clip_location == "server":
+            stacked, stats = clip_stacked(stacked, spec.clip, self.shapes)
+            self.clipped += int(stats.clipped.sum())
+            self.norms.extend(stats.norms.tolist())
+        with torch.no_grad():
+            sums = {n: t.detach().sum(0).to("cpu") for n, t in stacked.items()}
+            if self.total is None:
+                self.total = {n: sums[n] for n in self.shapes}
+            else:
+                for n, t in sums.items():
+                    self.total[n].add_(t)
+        self.accepted += len(keep)
+        return reasons
 
     @property
     def num_rejected(self) -> int:
@@ -233,22 +298,24 @@ class ServerState:
         if total is None:  # nobody replied (or all were rejected): the sum is zero
             total = {n: torch.zeros_like(p) for n, p in self.params.items()}
         if spec.dp:
-            average = self.mechanism.noisy_mean(total, spec.expected_cohort)
+            with section("noise"):
+                average = self.mechanism.noisy_mean(total, spec.expected_cohort)
             self.ledger.record(spec.noise_multiplier, spec.sample_rate)
         elif agg.accepted > 0:
             average = {n: t / agg.accepted for n, t in total.items()}
         else:
             average = None
         if average is not None:
-            self.optimizer.zero_grad(set_to_none=False)
-            for n, p in self.params.items():
-                if n in self.averaged:
-                    with torch.no_grad():
-                        p.add_(average[n].to(p.dtype))
-                else:
-                    # the pseudo-gradient: minus the average delta
-                    p.grad = -average[n].to(p.dtype)
-            self.optimizer.step()
+            with section("server step"):
+                self.optimizer.zero_grad(set_to_none=False)
+                for n, p in self.params.items():
+                    if n in self.averaged:
+                        with torch.no_grad():
+                            p.add_(average[n].to(p.dtype))
+                    else:
+                        # the pseudo-gradient: minus the average delta
+                        p.grad = -average[n].to(p.dtype)
+                self.optimizer.step()
         self.schedule.step()
         metrics: dict[str, float] = {
             "round": self.round,
@@ -266,7 +333,8 @@ class ServerState:
                 sum(float(a.double().pow(2).sum()) for a in average.values())
             )
         if spec.accounted:
-            metrics["epsilon"] = self.ledger.epsilon(spec.delta, "rdp").epsilon
+            with section("accounting"):  # RDP each round (cached per (q, z)); PLD/PRV at the end
+                metrics["epsilon"] = self.ledger.epsilon(spec.delta, "rdp").epsilon
         return metrics
 
     # --- checkpoints ----------------------------------------------------------------------

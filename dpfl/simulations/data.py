@@ -84,6 +84,11 @@ class SyntheticClassification:
     def user_data(self, user: int) -> TensorData:
         return self._generate(_check_user(user, self.num_users))
 
+    def user_size(self, user: int) -> int:
+        """The number of the user's examples, without generating them."""
+        _check_user(user, self.num_users)
+        return self.examples_per_user
+
     def test_data(self) -> TensorData:
         parts = [self._generate(self.num_users + i) for i in range(self.test_users)]
         return TensorData({k: torch.cat([p.tensors[k] for p in parts]) for k in ("x", "y")})
@@ -110,6 +115,9 @@ class PartitionedDataset:
     def user_data(self, user: int) -> TensorData:
         idx = self.partition[_check_user(user, self.num_users)]
         return TensorData(self.data.batch(torch.as_tensor(idx, dtype=torch.long)))
+
+    def user_size(self, user: int) -> int:
+        return len(self.partition[_check_user(user, self.num_users)])
 
     def test_data(self) -> TensorData:
         return self.test

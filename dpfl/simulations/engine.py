@@ -13,12 +13,16 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from dpfl.client.train import Weights, local_update
-from dpfl.client.vectorized import cohort_updates, why_not
+from dpfl.client.vectorized import train_cohort, why_not
 from dpfl.config import RunConfig
+from dpfl.profiling import section
 from dpfl.runs import FederatedRun, client_seed, local_config
 from dpfl.server.round import RoundAggregator
+from dpfl.simulations import distributed
+from dpfl.simulations.distributed import user_size
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,22 @@ def simulate(
     summary. ``resume`` continues from the run folder's ``checkpoint.pt``; ``stop_after_round``
     ends the run early (as if the process stopped there), for tests of resumption.
     """
-    run = FederatedRun(cfg, resume=resume, progress=progress)
+    group = distributed.join(cfg)  # None unless launched by torchrun with several ranks
+    run = FederatedRun(
+        cfg,
+        resume=resume,
+        progress=progress,
+        primary=group is None or group.primary,
+        ranks=1 if group is None else group.size,
+    )
+    if group is not None:
+        if run.private:
+            raise ValueError(
+                "a distributed simulation cannot keep clients' private parameters or statistics "
+                "(a user may train on another rank each round); run it in one process"
+            )
+        if run.spec.dp:
+            run.state.mechanism = distributed.SharedNoise(run.state.mechanism, group)
     local_cfg = local_config(cfg)
     spec = run.spec
     clip_on_client = spec.clip if spec.dp and spec.clip_location == "client" else None
@@ -70,87 +89,170 @@ def simulate(
     else:
         log.info("training clients one by one: %s", reason or "vectorize = 'off'")
 
-    def trained(round_number: int, users: list[int], weights: Weights):
-        """(user, LocalResult or the FloatingPointError of a diverged client), in order."""
-        if vectorized:
-            for start in range(0, len(users), cfg.vectorize_chunk):
-                chunk = users[start : start + cfg.vectorize_chunk]
-                results = cohort_updates(
-                    run.model,
-                    run.task,
-                    weights,
-                    [run.dataset.user_data(u) for u in chunk],
-                    local_cfg,
-                    [client_seed(cfg.seed, round_number, u) for u in chunk],
-                    clip_on_client,
-                )
-                yield from zip(chunk, results, strict=True)
-            return
+    def sequential(round_number: int, users: list[int], weights: Weights, agg, tally) -> None:
+        """Train the users one by one and add each accepted delta to ``agg``."""
         for user in users:
             run.load_client(user)
+            with section("data"):
+                data = run.dataset.user_data(user)
             try:
-                res = local_update(
-                    run.model,
-                    run.task,
-                    weights,
-                    run.dataset.user_data(user),
-                    local_cfg,
-                    client_seed(cfg.seed, round_number, user),
-                    clip_on_client,
-                )
+                with section("local training"):
+                    res = local_update(
+                        run.model,
+                        run.task,
+                        weights,
+                        data,
+                        local_cfg,
+                        client_seed(cfg.seed, round_number, user),
+                        clip_on_client,
+                    )
             except FloatingPointError as err:
-                yield user, err
+                tally.fail(user, round_number, err)
                 continue
-            yield user, res
+            run.keep_client(user)  # the client trained (and keeps its state) even if late
+            if tally.late(user, res.steps):
+                continue
+            agg.add(res.delta)  # already on the CPU: what leaves a client
+            tally.diagnose(res.train_loss, res.clip_stats)
+
+    def vectorised(round_number: int, users: list[int], weights: Weights, agg, tally) -> None:
+        """Train the users a chunk at a time as one computation; each chunk's clipped deltas
+        are checked row by row and summed by the aggregator without leaving the stack."""
+        for start in range(0, len(users), cfg.vectorize_chunk):
+            chunk = users[start : start + cfg.vectorize_chunk]
+            with section("data"):
+                datas = [run.dataset.user_data(u) for u in chunk]
+            cohort = train_cohort(
+                run.model,
+                run.task,
+                weights,
+                datas,
+                local_cfg,
+                [client_seed(cfg.seed, round_number, u) for u in chunk],
+                clip_on_client,
+            )
+            keep = []
+            finite = cohort.finite.tolist()
+            st = cohort.clip_stats
+            norms = st.norms.tolist() if st is not None else None
+            clipped = st.clipped.tolist() if st is not None else None
+            for k, user in enumerate(chunk):
+                if not finite[k]:
+                    tally.fail(user, round_number, "local training diverged: non-finite update")
+                    continue
+                if tally.late(user, cohort.steps[k]):
+                    continue
+                keep.append(k)
+                if cfg.diagnostics:
+                    tally.losses.append(cohort.train_loss[k])
+                    if norms is not None:
+                        tally.norms.append(norms[k])
+                        tally.clipped += int(clipped[k])
+            if not keep:
+                continue
+            deltas = cohort.deltas
+            if len(keep) < len(chunk):
+                at = torch.tensor(keep, device=next(iter(deltas.values())).device)
+                deltas = {n: d.index_select(0, at) for n, d in deltas.items()}
+            agg.add_stacked(deltas)
+
+    train = vectorised if vectorized else sequential
 
     def collect(
         round_number: int, cohort: np.ndarray, weights: Weights, agg: RoundAggregator
     ) -> dict[str, Any]:
         weights = {n: w.to(run.device) for n, w in weights.items()}
-        losses, norms, clipped, failed = [], [], 0, 0
-        dropped = timed_out = 0
-        finish_times: list[float] = []
+        tally = _Tally(cfg, slowness)
         users = []
-        for user in cohort:
-            user = int(user)
+        members = [int(u) for u in cohort]
+        if group is not None:  # this rank's share, balanced by data size
+            members = group.share(members, [user_size(run.dataset, u) for u in members])
+        for user in members:
             fault = faults(user, round_number)
             if fault == "drop":  # gone mid-round: no reply at all
-                dropped += 1
+                tally.dropped += 1
             elif fault == "fail":
-                failed += 1
-                log.warning("user %d failed in round %d: simulated failure", user, round_number)
+                tally.fail(user, round_number, "simulated failure")
             else:
                 users.append(user)
-        for user, res in trained(round_number, users, weights):
-            if isinstance(res, FloatingPointError):
-                failed += 1
-                log.warning("user %d failed in round %d: %s", user, round_number, res)
-                continue
-            run.keep_client(user)  # the client trained (and keeps its state) even if late
-            if cfg.sim_step_seconds > 0:
-                seconds = res.steps * cfg.sim_step_seconds * slowness(user)
-                if seconds > cfg.round_timeout:  # the server stopped waiting: reply discarded
-                    timed_out += 1
-                    continue
-                finish_times.append(seconds)
-            agg.add(res.delta)  # already on the CPU: what leaves a client
-            if cfg.diagnostics:
-                losses.append(res.train_loss)
-                if res.clip_stats is not None:
-                    norms.append(res.clip_stats.norm)
-                    clipped += int(res.clip_stats.clipped)
-        extra: dict[str, Any] = {"failed": failed, "dropped": dropped, "timed_out": timed_out}
+        train(round_number, users, weights, agg, tally)
+        if group is not None:
+            group.sum_round(agg, tally)  # the whole cohort's sum and counts, on every rank
+        return tally.metrics()
+
+    if group is None:
+        return run.run(collect, stop_after_round=stop_after_round)
+    try:
+        summary = run.run(collect, stop_after_round=stop_after_round)
+        group.check_same(run.state.weights())
+    finally:
+        group.close()
+    return summary
+
+
+class _Tally:
+    """What a round's clients did, for its metrics: failures, drop-outs, time-outs on the
+    simulated clock, and the (non-private) diagnostics when asked for."""
+
+    def __init__(self, cfg: RunConfig, slowness) -> None:
+        self.cfg, self.slowness = cfg, slowness
+        self.failed = self.dropped = self.timed_out = self.clipped = 0
+        self.finish_times: list[float] = []
+        self.losses: list[float] = []
+        self.norms: list[float] = []
+
+    def fail(self, user: int, round_number: int, why) -> None:
+        self.failed += 1
+        log.warning("user %d failed in round %d: %s", user, round_number, why)
+
+    def late(self, user: int, steps: int) -> bool:
+        """True when the user's reply misses the round deadline (the server stops waiting)."""
+        cfg = self.cfg
+        if cfg.sim_step_seconds <= 0:
+            return False
+        seconds = steps * cfg.sim_step_seconds * self.slowness(user)
+        if seconds > cfg.round_timeout:
+            self.timed_out += 1
+            return True
+        self.finish_times.append(seconds)
+        return False
+
+    def diagnose(self, loss: float, clip_stats) -> None:
+        if self.cfg.diagnostics:
+            self.losses.append(loss)
+            if clip_stats is not None:
+                self.norms.append(clip_stats.norm)
+                self.clipped += int(clip_stats.clipped)
+
+    _COUNTS = ("failed", "dropped", "timed_out", "clipped")
+    _LISTS = ("finish_times", "losses", "norms")
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._COUNTS + self._LISTS}
+
+    def merge(self, states: list[dict[str, Any]]) -> None:
+        """Replace this tally by the union of several ranks' tallies."""
+        for k in self._COUNTS:
+            setattr(self, k, sum(s[k] for s in states))
+        for k in self._LISTS:
+            setattr(self, k, [x for s in states for x in s[k]])
+
+    def metrics(self) -> dict[str, Any]:
+        cfg = self.cfg
+        extra: dict[str, Any] = {
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "timed_out": self.timed_out,
+        }
         if cfg.sim_step_seconds > 0:
             # simulated round time: the last accepted reply, or the deadline if anyone was late
             extra["sim_round_seconds"] = (
-                cfg.round_timeout if timed_out else max(finish_times, default=0.0)
+                cfg.round_timeout if self.timed_out else max(self.finish_times, default=0.0)
             )
         if cfg.diagnostics:
-            finite = [x for x in losses if math.isfinite(x)]
+            finite = [x for x in self.losses if math.isfinite(x)]
             extra["diag_train_loss"] = float(np.mean(finite)) if finite else math.nan
-            if norms:
-                extra["diag_update_norm_mean"] = float(np.mean(norms))
-                extra["diag_fraction_clipped"] = clipped / len(norms)
+            if self.norms:
+                extra["diag_update_norm_mean"] = float(np.mean(self.norms))
+                extra["diag_fraction_clipped"] = self.clipped / len(self.norms)
         return extra
-
-    return run.run(collect, stop_after_round=stop_after_round)

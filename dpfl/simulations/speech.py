@@ -197,6 +197,12 @@ class SpeechFederatedDataset:
             raise IndexError(f"user {user} is not in the population of {self.num_users} speakers")
         return self.speaker_data(self.speakers[int(user)])
 
+    def user_size(self, user: int) -> int:
+        """The number of the speaker's utterances, without loading their audio."""
+        if not 0 <= int(user) < self.num_users:
+            raise IndexError(f"user {user} is not in the population of {self.num_users} speakers")
+        return len(self._by_speaker[self.speakers[int(user)]])
+
     def pooled_data(self, speakers: Sequence[str]) -> SpeechData:
         """All utterances of ``speakers`` as one dataset (central training of a seed model)."""
         utts = [u for s in speakers for u in self._by_speaker[s]]

@@ -280,3 +280,92 @@ def test_tolerance_helpers():
     assert within_bound(1.0 + 0.5 * CLIP_NORM_RTOL, 1.0)
     assert not within_bound(1.0 + 2 * CLIP_NORM_RTOL, 1.0)
     assert sensitivity_bound(2.0) == pytest.approx(2.0 * (1 + CLIP_NORM_RTOL), rel=1e-15)
+
+
+# --- stacks of updates (vectorised cohorts) -----------------------------------------------------
+
+STACK_SHAPES = {"w": (6, 5), "b": (5,), "s": (1,)}
+
+
+def stack_rows(rows):
+    return {n: torch.stack([r[n] for r in rows]) for n in STACK_SHAPES}
+
+
+def varied_rows(seed=0):
+    """Rows that exercise every branch: clipped, under the bound, zero, near-zero (normalise
+    factor beyond float32's range), one layer zero, one layer huge."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [{n: torch.randn(s, generator=g) * scale for n, s in STACK_SHAPES.items()}
+            for scale in (3.0, 0.05, 1.0)]  # fmt: skip
+    rows.append({n: torch.zeros(s) for n, s in STACK_SHAPES.items()})
+    rows.append({n: torch.full(s, 1e-38) for n, s in STACK_SHAPES.items()})
+    rows.append({**rows[0], "b": torch.zeros(5)})
+    rows.append({**rows[1], "w": torch.full((6, 5), 1e3)})
+    return rows
+
+
+@pytest.mark.parametrize("scheme", ["flat", "uniform", "dim"])
+@pytest.mark.parametrize("mode", ["clip", "normalize"])
+def test_clip_stacked_equals_clip_update_row_by_row(scheme, mode):
+    from dpfl.privacy.clipping import clip_stacked
+
+    config = ClipConfig(0.7, scheme, mode)
+    rows = varied_rows()
+    out, stats = clip_stacked(stack_rows(rows), config, STACK_SHAPES)
+    assert stats.finite.all()
+    for k, row in enumerate(rows):
+        expected, one = clip_update(row, config, STACK_SHAPES)
+        for n in STACK_SHAPES:
+            torch.testing.assert_close(out[n][k], expected[n], rtol=1e-6, atol=0)
+        assert stats.norms[k].item() == pytest.approx(one.norm, rel=1e-12, abs=1e-300)
+        assert bool(stats.clipped[k]) == one.clipped
+        assert int(stats.layers_clipped[k]) == one.layers_clipped
+        assert stats.scales[k].tolist() == pytest.approx(list(one.scales), rel=1e-12)
+        assert stats.norm_after[k].item() == pytest.approx(one.norm_after, rel=1e-9, abs=1e-300)
+        assert norm_violation({n: out[n][k] for n in STACK_SHAPES}, config, STACK_SHAPES) is None
+
+
+def test_clip_stacked_zeroes_non_finite_rows_and_flags_them():
+    from dpfl.privacy.clipping import clip_stacked
+
+    rows = varied_rows()[:3]
+    rows[1] = {**rows[1], "b": torch.tensor([0.0, math.nan, 0.0, 0.0, 0.0])}
+    rows[2] = {**rows[2], "s": torch.tensor([math.inf])}
+    out, stats = clip_stacked(stack_rows(rows), ClipConfig(0.5), STACK_SHAPES)
+    assert stats.finite.tolist() == [True, False, False]
+    for n in STACK_SHAPES:
+        assert torch.isfinite(out[n]).all()
+        assert (out[n][1:] == 0).all()
+
+
+def test_stacked_violations_match_norm_violation():
+    from dpfl.privacy.clipping import stacked_violations
+
+    for scheme in ("flat", "dim"):
+        config = ClipConfig(1.0, scheme)
+        rows = varied_rows(1)
+        # one row exactly at the tolerance's edge, one just beyond it
+        base = {n: torch.full(s, 1.0) for n, s in STACK_SHAPES.items()}
+        norm = norm64(base.values())
+        rows.append({n: t / norm for n, t in base.items()})
+        rows.append({n: t / norm * (1 + 10 * CLIP_NORM_RTOL) for n, t in base.items()})
+        rows.append({**rows[1], "s": torch.tensor([math.nan])})
+        reasons = stacked_violations(stack_rows(rows), config, STACK_SHAPES)
+        expected = [norm_violation(r, config, STACK_SHAPES) for r in rows]
+        assert [r is None for r in reasons] == [e is None for e in expected]
+        assert sum(r is None for r in reasons) >= 3  # the small rows pass
+        assert reasons == expected
+
+
+def test_stacks_with_wrong_layout_raise():
+    from dpfl.privacy.clipping import clip_stacked
+
+    good = stack_rows(varied_rows()[:2])
+    with pytest.raises(ValueError, match="missing"):
+        clip_stacked({k: v for k, v in good.items() if k != "b"}, ClipConfig(1.0), STACK_SHAPES)
+    with pytest.raises(ValueError, match="per row"):
+        clip_stacked({**good, "b": torch.zeros(2, 4)}, ClipConfig(1.0), STACK_SHAPES)
+    with pytest.raises(ValueError, match="leading"):
+        clip_stacked({**good, "b": torch.zeros(3, 5)}, ClipConfig(1.0), STACK_SHAPES)
+    with pytest.raises(TypeError, match="dtype"):
+        clip_stacked({**good, "b": good["b"].half()}, ClipConfig(1.0), STACK_SHAPES)

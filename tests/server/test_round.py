@@ -168,3 +168,42 @@ def test_secure_mode_never_writes_the_noise_state():
     state = ServerState(zeros(), spec(noise_seed=None, noise_multiplier=1.0), 5)
     assert state.noise.secure
     assert "noise_generator" not in state.state_dict()
+
+
+def stacked(rows):
+    return {n: torch.stack([r[n] for r in rows]) for n in SHAPES}
+
+
+@pytest.mark.parametrize("location", ["client", "server"])
+def test_add_stacked_equals_adding_the_rows_one_by_one(location):
+    g = torch.Generator().manual_seed(0)
+    rows = [{n: torch.randn(s, generator=g) * 0.01 for n, s in SHAPES.items()} for _ in range(5)]
+    rows.append(delta(1.0))  # far above the bound: rejected under client clipping
+    rows.append(delta(0.01, b=torch.full((20,), math.nan)))  # non-finite: rejected
+    sp = spec(clip_location=location)
+    one, many = ServerState(zeros(), sp, 5).begin_round(), ServerState(zeros(), sp, 5).begin_round()
+    expected = [one.add(r) for r in rows]
+    reasons = many.add_stacked(stacked(rows))
+    assert [r is None for r in reasons] == [e is None for e in expected]
+    assert many.accepted == one.accepted == (5 if location == "client" else 6)
+    assert many.rejected == one.rejected
+    assert many.clipped == one.clipped
+    assert many.norms == pytest.approx(one.norms)
+    for n in SHAPES:
+        torch.testing.assert_close(many.total[n], one.total[n], rtol=1e-5, atol=1e-7)
+
+
+def test_add_stacked_without_dp_rejects_only_non_finite_rows():
+    agg = ServerState(zeros(), spec(clip=None), 5).begin_round()
+    rows = [delta(5.0), delta(1.0, w=torch.full((30, 20), math.inf))]
+    reasons = agg.add_stacked(stacked(rows))
+    assert reasons[0] is None and "NaN or Inf" in reasons[1]
+    assert agg.accepted == 1 and torch.equal(agg.total["w"], torch.full((30, 20), 5.0))
+
+
+def test_add_stacked_refuses_malformed_stacks():
+    agg = ServerState(zeros(), spec(), 5).begin_round()
+    with pytest.raises(TypeError, match="float32"):
+        agg.add_stacked({n: torch.zeros(2, *s, dtype=torch.float64) for n, s in SHAPES.items()})
+    with pytest.raises(ValueError, match="missing"):
+        agg.add_stacked({"w": torch.zeros(2, 30, 20)})
