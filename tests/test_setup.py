@@ -81,3 +81,16 @@ def test_every_config_file_parses():
 
     for path in sorted((ROOT / "configs").glob("*.toml")):
         RunConfig.from_toml(path)
+
+
+def test_flower_app_config_lists_every_config_key():
+    """`flwr run --run-config` refuses keys missing from [tool.flwr.app.config] ("Invalid run
+    configuration"), so every key of RunConfig must be there for every task to run under Flower."""
+    from dpfl.config import RunConfig
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app = data["tool"]["flwr"]["app"]["config"]
+    keys = list(RunConfig().to_dict())
+    assert [k for k in keys if k not in app] == []
+    assert [k for k in app if k not in keys] == []
+    RunConfig.from_mapping(app)  # and the values parse
