@@ -107,11 +107,63 @@ def run_flower(values: dict, workdir: Path) -> dict:
     }
 
 
+def run_handwritten(values: dict) -> dict:
+    """The hand-written torch.func loop (benchmarks/handwritten_vmap.py) in a fresh process."""
+    t0 = time.perf_counter()
+    script = Path(__file__).with_name("handwritten_vmap.py")
+    res = subprocess.run(
+        [sys.executable, str(script), "--workload", json.dumps(values), "--rounds",
+         str(values["rounds"])],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise SystemExit(f"hand-written loop failed:\n{res.stderr[-3000:]}")
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t0}
+
+
+PROFILE_CHILD = """
+import json, sys
+from dpfl.config import RunConfig
+from dpfl.profiling import profiled
+from dpfl.simulations.engine import simulate
+with profiled() as profile:
+    simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), progress=False)
+print(profile.table())
+"""
+
+
+def profile(values: dict) -> str:
+    res = subprocess.run(
+        [sys.executable, "-c", PROFILE_CHILD, json.dumps(values)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        raise SystemExit(f"profile run failed:\n{res.stderr[-3000:]}")
+    return res.stdout
+
+
+def ratio_line(what: str, ratio: float, target: float | None = None) -> str:
+    line = f"{what}: {ratio:.1f}x"
+    if target is not None:
+        line += f"  (target >= {target:g}x: {'met' if ratio >= target else 'NOT met'})"
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--skip-flower", action="store_true")
-    parser.add_argument("--skip-million", action="store_true")
+    parser.add_argument("--skip-pfl", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-asr", action="store_true")
+    parser.add_argument(
+        "--populations",
+        default="1000,100000,1000000,10000000",
+        help="population sizes for the scaling runs (same cohort)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print dpfl's per-round time breakdowns"
+    )
     args = parser.parse_args()
     base = {**WORKLOAD, "rounds": args.rounds}
     print(
@@ -125,43 +177,80 @@ def main() -> None:
             "dpfl simulator, vectorised": run_dpfl(
                 {**base, "vectorize": "on", "run-dir": str(tmp / "dpfl-vec")}
             ),
+            "hand-written torch.func loop": run_handwritten(base),
         }
         if not args.skip_flower:
             results["Flower simulation engine"] = run_flower(
                 {**base, "run-dir": str(tmp / "flower")}, tmp
             )
-        if not args.skip_million:
-            results["dpfl simulator, 1,000,000 users"] = run_dpfl(
-                {
-                    **base,
-                    "population": 1_000_000,
-                    "vectorize": "on",
-                    "run-dir": str(tmp / "million"),
-                }
-            )
+        if not args.skip_pfl:
+            from pfl_research import run_pfl
+
+            r = run_pfl(base, args.rounds, tmp / "pfl")
+            results[f"pfl-research {r.get('version', '')}".strip()] = r
+        scaling = {}
+        if not args.skip_scaling:
+            for population in [int(x) for x in args.populations.split(",")]:
+                scaling[population] = run_dpfl(
+                    {
+                        **base,
+                        "population": population,
+                        "vectorize": "on",
+                        "run-dir": str(tmp / f"pop-{population}"),
+                    }
+                )
+        profiles = {}
+        if args.profile:
+            for mode in ("off", "on"):
+                profiles[mode] = profile({**base, "vectorize": mode, "run-dir": str(tmp / "prof")})
     print()
     print(f"{'engine':<34}{'median ms/round':>16}{'peak RSS MB':>13}{'accuracy':>10}{'wall s':>8}")
     for name, r in results.items():
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
-        print(
-            f"{name:<34}{r['median_ms']:>16.1f}{rss:>13}{r['accuracy']:>10.4f}{r['wall_s']:>8.1f}"
-        )
+        wall = f"{r['wall_s']:.1f}" if "wall_s" in r else "-"
+        print(f"{name:<34}{r['median_ms']:>16.1f}{rss:>13}{r['accuracy']:>10.4f}{wall:>8}")
+    seq = results["dpfl simulator"]["median_ms"]
+    vec = results["dpfl simulator, vectorised"]["median_ms"]
+    hand = results["hand-written torch.func loop"]["median_ms"]
+    print()
     if "Flower simulation engine" in results:
-        ratio = (
-            results["Flower simulation engine"]["median_ms"]
-            / results["dpfl simulator"]["median_ms"]
+        flower = results["Flower simulation engine"]["median_ms"]
+        print(
+            ratio_line("dpfl sequential speed-up over Flower's simulation engine", flower / seq, 5)
         )
-        print(f"\ndpfl speed-up over Flower's simulation engine (median ms/round): {ratio:.1f}x")
-        ratio = (
-            results["Flower simulation engine"]["median_ms"]
-            / results["dpfl simulator, vectorised"]["median_ms"]
+        print(
+            ratio_line("dpfl vectorised speed-up over Flower's simulation engine", flower / vec, 35)
         )
-        print(f"dpfl vectorised speed-up over Flower's simulation engine: {ratio:.1f}x")
-    ratio = (
-        results["dpfl simulator"]["median_ms"] / results["dpfl simulator, vectorised"]["median_ms"]
+    pfl = [r for name, r in results.items() if name.startswith("pfl-research")]
+    if pfl:
+        print(
+            ratio_line("dpfl sequential speed-up over pfl-research", pfl[0]["median_ms"] / seq, 1)
+        )
+        print(
+            ratio_line("dpfl vectorised speed-up over pfl-research", pfl[0]["median_ms"] / vec, 5)
+        )
+    print(ratio_line("dpfl vectorised speed-up over dpfl sequential", seq / vec))
+    print(
+        f"dpfl vectorised time / hand-written torch.func loop: {vec / hand:.2f}x"
+        f"  (target <= 2x: {'met' if vec / hand <= 2 else 'NOT met'})"
     )
-    print(f"dpfl vectorised speed-up over dpfl sequential: {ratio:.1f}x")
-    print("peak RSS: the dpfl process only (Flower's is spread over Ray workers; not compared)")
+    print("peak RSS: each process's own (Flower's is spread over Ray workers; not compared)")
+    if scaling:
+        print("\npopulation scaling (dpfl vectorised, same expected cohort of 50):")
+        print(f"{'population':>12}{'median ms/round':>17}{'peak RSS MB':>13}{'accuracy':>10}")
+        for population, r in scaling.items():
+            print(
+                f"{population:>12,}{r['median_ms']:>17.1f}{r['peak_rss_mb']:>13.0f}"
+                f"{r['accuracy']:>10.4f}"
+            )
+    for mode, table in profiles.items():
+        name = "vectorised" if mode == "on" else "sequential"
+        print(f"\nper-round breakdown, dpfl {name} (dpfl simulate --profile):\n{table}", end="")
+    if not args.skip_asr:
+        from asr_overhead import run as asr_run
+
+        print("\nsecond workload: tiny CTC transformer, cohort 16 (benchmarks/asr_overhead.py)")
+        asr_run(rounds=6)
 
 
 if __name__ == "__main__":
