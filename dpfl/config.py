@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "vectorize": ("auto", "on", "off"),
     "asr_size": ("tiny", "small", "paper"),
     "data_format": ("synthetic", "librispeech", "commonvoice"),
+    "precision": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -150,6 +151,35 @@ class RunConfig:
     client_weight_decay: float = field(default=0.0, metadata=_doc("local weight decay"))
     client_grad_clip: float = field(
         default=0.0, metadata=_doc("per-step gradient-norm clip in local training (0: off)")
+    )
+    # --- client device (Flower ClientApp; a node may set these in its --node-config)
+    precision: str = field(
+        default="fp32",
+        metadata=_doc(
+            "ClientApp: autocast precision of forward and loss: fp32, bf16, or fp16 (CUDA only, "
+            "loss-scaled); weights, gradients and the clipped delta stay float32"
+        ),
+    )
+    micro_batch_size: int = field(
+        default=0,
+        metadata=_doc(
+            "ClientApp: at most this many examples per forward/backward, gradients accumulated "
+            "to the full batch's (0: whole batches)"
+        ),
+    )
+    micro_batch_seconds: float = field(
+        default=0.0,
+        metadata=_doc(
+            "ClientApp, speech: at most this many seconds of audio per forward/backward, "
+            "gradients accumulated to the full batch's (0: no limit)"
+        ),
+    )
+    system_metrics: bool = field(
+        default=True,
+        metadata=_doc(
+            "ClientApp: replies carry steps/s, peak memory and device (sys-*; per-client, not "
+            "covered by DP)"
+        ),
     )
     # --- privacy
     clip_norm: float = field(
@@ -388,6 +418,10 @@ class RunConfig:
             raise bad("central_lr", "a number > 0")
         if self.batch_seconds < 0:
             raise bad("batch_seconds", "a number >= 0")
+        if self.micro_batch_size < 0:
+            raise bad("micro_batch_size", "an integer >= 0 (0: off)")
+        if self.micro_batch_seconds < 0:
+            raise bad("micro_batch_seconds", "a number >= 0 (0: off)")
         for name in (
             "local_epochs",
             "local_steps",

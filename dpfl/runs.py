@@ -184,6 +184,9 @@ def local_config(cfg: RunConfig) -> LocalTrainConfig:
         options=cfg.client_options(),
         grad_clip=cfg.client_grad_clip,
         batch_seconds=cfg.batch_seconds,
+        precision=cfg.precision,
+        micro_batch_size=cfg.micro_batch_size,
+        micro_batch_seconds=cfg.micro_batch_seconds,
     )
 
 

@@ -6,20 +6,59 @@ weights and the run configuration; the reply carries the user's delta, clipped h
 ``clip-location = "client"`` (the default) so an unclipped delta never leaves the device, and
 ``num-examples``. Non-private diagnostics (loss, pre-clipping norm) are added only when the run
 config asks for them (``diagnostics``, off by default under Flower).
+
+Edge devices: a node may set, in its ``--node-config``, where its data lives and what its device
+can do (:data:`NODE_KEYS`: device, precision, micro-batching, data folders, whether to report
+system metrics); every other run-config key (above all the privacy ones: clip bound, noise,
+sampling) comes from the server, and a node that sets one is refused with an error. Unless the
+node turns ``system-metrics`` off, replies carry ``sys-steps-per-second``, ``sys-peak-memory-mb``
+(CUDA's peak allocation on a GPU, else the process's peak RSS) and ``sys-device-cuda`` (1 or 0):
+per-client facts about the device, not covered by DP, and never used by the privacy maths.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfl.client.train import federated_split, load_weights, local_update, private_weights
+from dpfl.client.train import (
+    federated_split,
+    load_weights,
+    local_update,
+    private_weights,
+)
 from dpfl.config import RunConfig
 from dpfl.runs import build_dataset, build_task, client_seed, local_config, pick_device
 
 USER_KEY = "partition-id"
 PRIVATE_KEY = "dpfl-private-parameters"
+FLOWER_NODE_KEYS = frozenset({USER_KEY, "num-partitions"})
+"""Node-config keys Flower itself uses (the simulation engine sets both)."""
+NODE_KEYS = (
+    "device",
+    "precision",
+    "micro-batch-size",
+    "micro-batch-seconds",
+    "data-dir",
+    "scenes-dir",
+    "system-metrics",
+)
+"""Run-config keys a node may override in its node config: where its data lives and what its
+device can do. They change how fast and in how much memory a step runs, not what it computes
+(micro-batching accumulates the full batch's gradient; precision changes rounding only)."""
+PRIVACY_KEYS = frozenset({
+    "clip-norm", "clip-scheme", "clip-mode", "clip-location", "noise-multiplier",
+    "target-epsilon", "delta", "accountant", "noise-seed", "sampling", "cohort-size",
+    "population", "rounds",
+})  # fmt: skip
+"""Keys the privacy guarantee rests on: named as such when a node tries to set one."""
+
+log = logging.getLogger(__name__)
 
 app = ClientApp()
 
@@ -44,6 +83,62 @@ def _workspace_for(cfg: RunConfig):
     return _workspace[key]
 
 
+def node_run_config(cfg: RunConfig, node_config: dict) -> RunConfig:
+    """``cfg`` (the server's run config) with this node's overrides of :data:`NODE_KEYS`.
+
+    Raises ValueError for any other key: a privacy key (the clip bound, the noise, the
+    sampling...) or a training key must be the same for every client and comes from the server.
+    """
+    overrides = {}
+    known = set(cfg.to_dict())
+    for key, value in node_config.items():
+        if key in FLOWER_NODE_KEYS:
+            continue
+        if key in NODE_KEYS:
+            overrides[key] = value
+        elif key in PRIVACY_KEYS:
+            raise ValueError(
+                f"node config key {key!r} is a privacy setting: it comes from the server's run "
+                f"config, never from a node; a node may set only {', '.join(NODE_KEYS)}"
+            )
+        elif key in known:
+            raise ValueError(
+                f"node config key {key!r} is set by the server's run config (every client "
+                f"trains alike); a node may set only {', '.join(NODE_KEYS)}"
+            )
+        else:
+            raise ValueError(
+                f"unknown node config key {key!r}; a node may set {USER_KEY}, num-partitions "
+                f"and {', '.join(NODE_KEYS)}"
+            )
+    if not overrides:
+        return cfg
+    log.info("node config overrides: %s", overrides)
+    try:
+        return RunConfig.from_mapping(overrides, base=cfg)
+    except ValueError as err:
+        raise ValueError(f"node config: {err}") from None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA's peak allocation since the last reset on a GPU, else this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
+
+
+def system_metrics(device: torch.device, steps: int, seconds: float) -> dict[str, float | int]:
+    """Per-client facts about the device (``sys-*``): numbers, as a MetricRecord holds."""
+    return {
+        "sys-steps-per-second": steps / seconds if seconds > 0 else 0.0,
+        "sys-peak-memory-mb": peak_memory_mb(device),
+        "sys-device-cuda": int(device.type == "cuda"),
+    }
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     info = ConfigRecord({USER_KEY: _user(context)})
@@ -64,7 +159,7 @@ def handle_train(
     """
     values = dict(values)
     round_number = int(values.pop("server-round"))
-    cfg = RunConfig.from_mapping(values)
+    cfg = node_run_config(RunConfig.from_mapping(values), node_config)
     if USER_KEY not in node_config:
         raise ValueError(f"this node has no {USER_KEY!r} in its node config")
     user = int(node_config[USER_KEY])
@@ -78,6 +173,9 @@ def handle_train(
             if hasattr(task, "prepare_private"):
                 task.prepare_private(model, dataset.user_data(user))
     clip = cfg.clip_config() if cfg.clip_location == "client" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
     res = local_update(
         model,
         task,
@@ -87,12 +185,15 @@ def handle_train(
         client_seed(cfg.seed, round_number, user),
         clip,
     )
+    seconds = time.perf_counter() - started  # the delta is on the CPU: the device is done
     metrics: dict[str, float | int] = {"num-examples": res.num_examples}
     if cfg.diagnostics:
         metrics["diag-train-loss"] = res.train_loss
         if res.clip_stats is not None:
             metrics["diag-update-norm"] = res.clip_stats.norm
             metrics["diag-clipped"] = int(res.clip_stats.clipped)
+    if cfg.system_metrics:
+        metrics.update(system_metrics(device, res.steps, seconds))
     kept = private_weights(model, is_private, buffers) if is_private is not None else {}
     return (
         res.delta,  # float32 on the CPU, clipped when DP is on

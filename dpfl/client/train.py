@@ -4,10 +4,17 @@
 seed): the model instance passed in is only a workspace whose weights are overwritten first, so
 one instance serves a whole cohort (the simulator) or one message (the Flower ClientApp), and a
 vectorised engine can later call the same maths for many clients at once.
+
+On small devices (edge GPUs) two knobs bound the work of one step without changing its maths:
+``precision`` runs forward and loss under ``torch.autocast`` (bf16, or fp16 with loss scaling on
+CUDA) while weights, gradients, the delta and its clipping stay float32; ``micro_batch_size`` /
+``micro_batch_seconds`` split each step's batch into micro-batches whose gradients are
+accumulated with weights that make the sum equal the full batch's gradient.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -20,6 +27,8 @@ from dpfl.models.tasks import ClientData, Task
 from dpfl.privacy.clipping import ClipConfig, ClipStats, clip_update
 
 Weights = dict[str, torch.Tensor]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,15 @@ class LocalTrainConfig:
     batch_seconds: float = 0.0
     """Batches by seconds of audio instead of ``batch_size`` examples (speech data: those with
     ``durations``); similar lengths are batched together."""
+    precision: str = "fp32"
+    """Autocast precision of forward and loss: fp32 (off), bf16, or fp16 (CUDA only, with
+    dynamic loss scaling). Weights, gradients, the delta and its clipping stay float32."""
+    micro_batch_size: int = 0
+    """At most this many examples per forward/backward pass; a step's batch is split and its
+    gradient accumulated (equal to the full batch's gradient). 0: the whole batch at once."""
+    micro_batch_seconds: float = 0.0
+    """At most this many seconds of audio per forward/backward pass (speech data); may be
+    combined with ``micro_batch_size``. 0: no limit by seconds."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
@@ -51,6 +69,18 @@ class LocalTrainConfig:
             raise ValueError(f"grad clip must be >= 0, got {self.grad_clip}")
         if not (math.isfinite(self.batch_seconds) and self.batch_seconds >= 0):
             raise ValueError(f"batch seconds must be >= 0, got {self.batch_seconds}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.micro_batch_size < 0:
+            raise ValueError(f"micro-batch size must be >= 0, got {self.micro_batch_size}")
+        if not (math.isfinite(self.micro_batch_seconds) and self.micro_batch_seconds >= 0):
+            raise ValueError(f"micro-batch seconds must be >= 0, got {self.micro_batch_seconds}")
+
+    @property
+    def micro_batching(self) -> bool:
+        return self.micro_batch_size > 0 or self.micro_batch_seconds > 0
 
 
 @dataclass
@@ -179,6 +209,79 @@ def batches(data: ClientData, cfg: LocalTrainConfig, generator: torch.Generator)
             yield from _epoch(data, cfg, generator)
 
 
+def micro_batches(idx: torch.Tensor, data: ClientData, cfg: LocalTrainConfig) -> list:
+    """One step's index batch ``idx`` as consecutive micro-batches of at most
+    ``micro_batch_size`` examples and ``micro_batch_seconds`` of audio (an utterance longer than
+    the limit goes alone: it cannot be split). Without micro-batching: ``[idx]``."""
+    if not cfg.micro_batching:
+        return [idx]
+    durations = None
+    if cfg.micro_batch_seconds > 0:
+        durations = getattr(data, "durations", None)
+        if durations is None:
+            raise ValueError("micro-batch-seconds needs data with durations (speech)")
+    parts: list[list[int]] = []
+    current: list[int] = []
+    total = 0.0
+    for i in idx.tolist():
+        seconds = float(durations[i]) if durations is not None else 0.0
+        full = (cfg.micro_batch_size > 0 and len(current) >= cfg.micro_batch_size) or (
+            durations is not None and total + seconds > cfg.micro_batch_seconds
+        )
+        if current and full:
+            parts.append(current)
+            current, total = [], 0.0
+        current.append(i)
+        total += seconds
+    if current:
+        parts.append(current)
+    return [torch.tensor(p, dtype=idx.dtype) for p in parts]
+
+
+def loss_count(task: Task, batch, size: int) -> float:
+    """What ``task.loss`` averages over in ``batch`` (of ``size`` examples), so that micro-batch
+    losses weighted by their share of it sum to the full batch's loss.
+
+    Cross-entropy and CTC (``reduction="mean"``: each utterance's loss divided by its target
+    length, then the mean over utterances) average over examples; a task with another reduction
+    defines ``loss_count(batch)`` (OFVL-MS: the batch's valid pixels).
+    """
+    own = getattr(task, "loss_count", None)
+    if own is not None:
+        return float(own(batch))
+    return float(size)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Refuse a precision the device cannot run, before any training."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        # CPU fp16 autocast exists, but without loss scaling small gradients underflow; bf16
+        # has float32's range and needs none.
+        raise ValueError(
+            f"precision = 'fp16' needs a CUDA device (this one is {device.type}); use 'bf16' "
+            "or 'fp32' (a node can set it: --node-config \"precision='bf16'\")"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"precision = 'bf16': {torch.cuda.get_device_name(device)} has no bfloat16 "
+            "support; use 'fp16' (loss-scaled) or 'fp32'"
+        )
+
+
+FP16_INIT_SCALE = 2.0**10
+"""Initial loss scale for fp16: each client starts a fresh scaler and runs a few steps, so a
+high start (torch's 2**16) would skip several of them on overflow before it backs off."""
+
+
 def local_update(
     model: nn.Module,
     task: Task,
@@ -192,12 +295,24 @@ def local_update(
 
     With ``clip`` the delta is clipped here, on the client, so an unclipped delta never leaves it.
     The delta is computed and clipped in float32 whatever the model's precision.
+
+    With micro-batching, each micro-batch's loss is weighted by its share of what the task's
+    loss averages over (:func:`loss_count`), so the accumulated gradient is the full batch's;
+    the per-step ``grad_clip`` then applies to that accumulated gradient. Randomness inside the
+    model (dropout, SpecAugment, layer-drop) is drawn per forward pass, so with it micro-batched
+    training is equal in distribution, not bit for bit.
     """
     load_weights(model, weights)
     model.train()
     device = next(model.parameters()).device
+    check_precision(device, cfg.precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.options)
+    scaler = (
+        torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE)
+        if cfg.precision == "fp16"
+        else None
+    )
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     # Dropout and other randomness inside the model follow the seed, not the global RNG.
@@ -209,17 +324,19 @@ def local_update(
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         for idx in batches(data, cfg, generator):
-            batch = data.batch(idx)
             optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"local training diverged: loss {loss.item()}")
-            loss.backward()
+            step_loss = _accumulate(model, task, data, micro_batches(idx, data, cfg), cfg, scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when the scaled gradient overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             project_weights(model)  # Normalize-and-Project (no-op for other models)
-            losses.append(loss.item())
+            losses.append(step_loss)
     # The delta covers the parameters the server sent; others (a client's private,
     # scene-specific or FedBN-style parameters) are trained too but stay in the model.
     delta = {
@@ -237,3 +354,36 @@ def local_update(
         train_loss=float(sum(losses) / len(losses)) if losses else math.nan,
         clip_stats=stats,
     )
+
+
+def _accumulate(
+    model: nn.Module,
+    task: Task,
+    data: ClientData,
+    parts: list,
+    cfg: LocalTrainConfig,
+    scaler: torch.amp.GradScaler | None,
+) -> float:
+    """Backpropagate one step's loss over its micro-batches ``parts``; return the step's loss.
+
+    Micro-batch k's loss is weighted by c_k / sum(c), c from :func:`loss_count`: the weighted sum
+    is the full batch's mean loss, and so is the accumulated gradient. A micro-batch's loss is
+    computed under autocast but cast to float32 before weighting and backward.
+    """
+    device = next(model.parameters()).device
+    gathered = [data.batch(p) for p in parts]
+    counts = [loss_count(task, b, len(p)) for b, p in zip(gathered, parts, strict=True)]
+    total = sum(counts)
+    if total <= 0:  # e.g. no valid pixel at all: the loss is then a plain mean over examples
+        counts = [float(len(p)) for p in parts]
+        total = sum(counts)
+    step_loss = 0.0
+    for batch, count in zip(gathered, counts, strict=True):
+        with _autocast(device, cfg.precision):
+            loss = task.loss(model, batch)
+        loss = loss.float() * (count / total)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"local training diverged: loss {loss.item()}")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += loss.item()
+    return step_loss

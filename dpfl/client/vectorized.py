@@ -43,6 +43,10 @@ def why_not(model: nn.Module, task: Task, cfg: LocalTrainConfig, private=None) -
         return f"optimizer {cfg.optimizer!r} has no vectorised form (only {', '.join(OPTIMIZERS)})"
     if cfg.batch_seconds > 0:
         return "batches by seconds of audio (speech) have data-dependent shapes"
+    if cfg.precision != "fp32":
+        return f"precision = {cfg.precision!r}: the vectorised path trains in float32 only"
+    if cfg.micro_batching:
+        return "micro-batching bounds one client's memory; a vectorised cohort does not use it"
     if private is not None:
         return "clients keep private parameters or statistics between rounds"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
@@ -61,6 +65,8 @@ def _stack_data(datas: Sequence[ClientData]) -> dict[str, torch.Tensor]:
     if not all(hasattr(d, "tensors") for d in datas):
         raise TypeError("vectorised training needs tensor data (TensorData)")
     n_max = max(len(d) for d in datas)
+    if all(len(d) == n_max for d in datas):  # equal sizes: one copy per tensor
+        return {key: torch.stack([d.tensors[key] for d in datas]) for key in datas[0].tensors}
     out = {}
     for key in datas[0].tensors:
         first = datas[0].tensors[key]
@@ -135,6 +141,10 @@ def _plan(
     steps = max(1, max((len(p) for p in plans), default=0))
     width = max((len(i) for p in plans for i in p), default=1)
     k_clients = len(datas)
+    if all(len(p) == steps and all(len(i) == width for i in p) for p in plans):
+        # every client has the same number of full batches: nothing to pad
+        index = torch.stack([torch.stack(p) for p in plans])
+        return index, torch.ones(index.shape)
     index = torch.zeros(k_clients * steps, width, dtype=torch.long)
     mask = torch.zeros(k_clients * steps, width)
     rows, flat = [], []
@@ -218,12 +228,13 @@ def train_cohort(
     loss_sums = torch.zeros(k_clients, device=device)
     was_training = model.training
     model.train()
+    everyone = active.all(0).tolist()  # steps where no client is padded
     with section("local training"):
         for s in range(steps):
             batch = {key: t[rows, index[:, s]] for key, t in data.items()}
             grads, losses = grad_fn(params, batch, mask[:, s])
-            on = active[:, s]
-            loss_sums += torch.where(on, losses.detach(), torch.zeros_like(losses))
+            on = None if everyone[s] else active[:, s]
+            loss_sums += losses.detach() if on is None else torch.where(on, losses.detach(), 0.0)
             if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
                 total = torch.sqrt(
                     sum(g.reshape(k_clients, -1).pow(2).sum(1) for g in grads.values())
@@ -255,8 +266,15 @@ def train_cohort(
 
 
 def _step(cfg, opt, p, g, st, on, k_clients):
-    """One optimizer step for every client at once (``on``: the clients with a batch)."""
+    """One optimizer step for every client at once (``on``: the clients with a batch, or None
+    when all have one)."""
     shape = (-1, *([1] * (p.dim() - 1)))
+    if on is None:
+        on = torch.ones(k_clients, dtype=torch.bool, device=p.device)
+        if cfg.optimizer == "sgd" and not opt.momentum:  # the common case, without masking
+            if opt.weight_decay:
+                g = g + opt.weight_decay * p
+            return p - cfg.lr * g
     live = on.view(shape)
     if opt.weight_decay:
         g = g + opt.weight_decay * p

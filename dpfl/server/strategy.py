@@ -65,6 +65,24 @@ def discover_users(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
     return users
 
 
+SYSTEM_METRICS = ("sys-steps-per-second", "sys-peak-memory-mb", "sys-device-cuda")
+"""What clients report about their device (see :mod:`dpfl.client.app`)."""
+
+
+def summarize_system(system: dict[str, list[float]]) -> dict[str, float]:
+    """Per-round figures of the clients' device reports: the slowest and mean client speed, the
+    largest peak memory, and how many clients trained on CUDA (per-client facts, not DP)."""
+    out: dict[str, float] = {}
+    if speeds := system.get("sys-steps-per-second"):
+        out["sys_steps_per_second_min"] = min(speeds)
+        out["sys_steps_per_second_mean"] = float(np.mean(speeds))
+    if memory := system.get("sys-peak-memory-mb"):
+        out["sys_peak_memory_mb_max"] = max(memory)
+    if cuda := system.get("sys-device-cuda"):
+        out["sys_clients_cuda"] = int(sum(v > 0 for v in cuda))
+    return out
+
+
 class DPFedAvg(Strategy):
     """Flower's side of a dpfl round: cohort messages out, validated updates in."""
 
@@ -104,6 +122,7 @@ class DPFedAvg(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         agg = self._agg
         failed, losses, norms, clipped = 0, [], [], 0
+        system: dict[str, list[float]] = {key: [] for key in SYSTEM_METRICS}
         by_user: list[tuple[int, Message]] = []
         seen: set[int] = set()
         for reply in replies:
@@ -128,9 +147,14 @@ class DPFedAvg(Strategy):
             except Exception as err:  # a malformed record: reject, never crash the round
                 agg.reject(f"unreadable update: {type(err).__name__}")
                 continue
+            metrics = reply.content.get("metrics")
+            if metrics is not None:  # device facts: logged, never part of the privacy maths
+                for key, values in system.items():
+                    value = metrics.get(key)
+                    if isinstance(value, (int, float)) and np.isfinite(value):
+                        values.append(float(value))
             if agg.add(update) is not None:
                 continue
-            metrics = reply.content.get("metrics")
             if self.cfg.diagnostics and metrics is not None:
                 if "diag-train-loss" in metrics:
                     losses.append(float(metrics["diag-train-loss"]))
@@ -143,6 +167,14 @@ class DPFedAvg(Strategy):
         if self.cfg.diagnostics and norms:
             self._extra["diag_update_norm_mean"] = float(np.mean(norms))
             self._extra["diag_fraction_clipped"] = clipped / len(norms)
+        devices = summarize_system(system)
+        self._extra.update(devices)
+        if devices:
+            log.info(
+                "round %d devices: %s",
+                server_round,
+                ", ".join(f"{k} {v:.4g}" for k, v in devices.items()),
+            )
         return None, MetricRecord({"accepted": agg.accepted, "rejected": agg.num_rejected})
 
     def configure_evaluate(

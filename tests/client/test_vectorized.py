@@ -108,3 +108,15 @@ def test_auto_falls_back_with_one_log_line_and_on_refuses(tmp_path, caplog):
     ]
     with pytest.raises(ValueError, match="vectorize = 'on': cannot vectorise here: optimizer"):
         run(tmp_path, "lion-on", vectorize="on", **{"client-optimizer": "lion", "rounds": 1})
+
+
+def test_device_knobs_fall_back_to_the_sequential_path():
+    import dataclasses
+
+    task = ClassificationTask(hidden=(16,))
+    model = task.build_model()
+    assert why_not(model, task, LocalTrainConfig()) is None
+    bf16 = dataclasses.replace(LocalTrainConfig(), precision="bf16")
+    assert "float32 only" in why_not(model, task, bf16)
+    micro = dataclasses.replace(LocalTrainConfig(), micro_batch_size=4)
+    assert "micro-batching" in why_not(model, task, micro)

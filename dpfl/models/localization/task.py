@@ -50,6 +50,11 @@ class LocalizationTask:
             loss = loss + self.penalty * ofvl.score_penalty(model)
         return loss
 
+    @staticmethod
+    def loss_count(batch: dict) -> float:
+        """What :meth:`loss` averages over: the batch's valid pixels (for micro-batching)."""
+        return float(batch["valid"].sum())
+
     def prepare_private(self, model: nn.Module, data) -> None:
         """First time a scene trains: start its head at the scene's centre."""
         centre = (data.coords * data.valid[:, None]).sum(dim=(0, 2, 3)) / data.valid.sum()
