@@ -307,12 +307,21 @@ def local_update(
     device = next(model.parameters()).device
     check_precision(device, cfg.precision)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.options)
     scaler = (
         torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE)
         if cfg.precision == "fp16"
         else None
     )
+    # Plain SGD (no momentum, no weight decay), the usual client optimizer: its step, p -= lr*g
+    # for every parameter with a gradient, is applied directly, as torch.optim.SGD computes it,
+    # without the optimizer object's per-step bookkeeping (a large share of a small model's step).
+    plain_sgd = (
+        cfg.optimizer == "sgd"
+        and scaler is None
+        and cfg.options.momentum == 0
+        and cfg.options.weight_decay == 0
+    )
+    optimizer = None if plain_sgd else make_optimizer(cfg.optimizer, params, cfg.lr, cfg.options)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     # Dropout and other randomness inside the model follow the seed, not the global RNG.
@@ -324,7 +333,8 @@ def local_update(
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         for idx in batches(data, cfg, generator):
-            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             step_loss = _accumulate(model, task, data, micro_batches(idx, data, cfg), cfg, scaler)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
@@ -333,6 +343,10 @@ def local_update(
             if scaler is not None:
                 scaler.step(optimizer)  # skipped when the scaled gradient overflowed
                 scaler.update()
+            elif plain_sgd:
+                trained = [p for p in params if p.grad is not None]
+                with torch.no_grad():
+                    torch._foreach_add_(trained, [p.grad for p in trained], alpha=-cfg.lr)
             else:
                 optimizer.step()
             project_weights(model)  # Normalize-and-Project (no-op for other models)
@@ -381,9 +395,12 @@ def _accumulate(
     for batch, count in zip(gathered, counts, strict=True):
         with _autocast(device, cfg.precision):
             loss = task.loss(model, batch)
-        loss = loss.float() * (count / total)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"local training diverged: loss {loss.item()}")
+        loss = loss.float()
+        if len(gathered) > 1:
+            loss = loss * (count / total)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"local training diverged: loss {value}")
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        step_loss += loss.item()
+        step_loss += value
     return step_loss
