@@ -84,6 +84,29 @@ class SyntheticClassification:
     def user_data(self, user: int) -> TensorData:
         return self._generate(_check_user(user, self.num_users))
 
+    def users_data(self, users: Sequence[int]) -> list[TensorData]:
+        """``[user_data(u) for u in users]``, equal to it, with the labels of all users computed
+        in one matrix product (what a vectorised cohort fetches each round)."""
+        users = [_check_user(u, self.num_users) for u in users]
+        if not users:
+            return []
+        n = self.examples_per_user
+        xs = np.empty((len(users), n, self.features))
+        draws = []
+        for k, u in enumerate(users):
+            rng = np.random.default_rng([self.seed, 1, u])  # the stream of _generate
+            mu = rng.normal(scale=self.user_shift, size=self.features)
+            xs[k] = mu + rng.normal(size=(n, self.features))
+            draws.append((rng, rng.random(n) < self.label_noise))
+        w, b = self._teacher
+        ys = np.argmax(xs @ w + b, axis=2)
+        for k, (rng, flip) in enumerate(draws):
+            if flip.any():
+                ys[k, flip] = rng.integers(0, self.classes, size=int(flip.sum()))
+        x32 = torch.from_numpy(xs.astype(np.float32))
+        y = torch.from_numpy(ys)
+        return [TensorData({"x": x32[k], "y": y[k]}) for k in range(len(users))]
+
     def user_size(self, user: int) -> int:
         """The number of the user's examples, without generating them."""
         _check_user(user, self.num_users)

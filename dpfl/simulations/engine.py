@@ -121,7 +121,8 @@ def simulate(
         for start in range(0, len(users), cfg.vectorize_chunk):
             chunk = users[start : start + cfg.vectorize_chunk]
             with section("data"):
-                datas = [run.dataset.user_data(u) for u in chunk]
+                many = getattr(run.dataset, "users_data", None)  # a batched fetch, if offered
+                datas = many(chunk) if many else [run.dataset.user_data(u) for u in chunk]
             cohort = train_cohort(
                 run.model,
                 run.task,

@@ -48,3 +48,15 @@ def test_partitioned_dataset():
     ds = PartitionedDataset(data, parts, test=data, user_keys=keys)
     assert ds.num_users == 3
     assert ds.user_data(0).tensors["y"].tolist() == [0, 2]
+
+
+def test_users_data_equals_user_data_for_every_user():
+    data = SyntheticClassification(num_users=600, examples_per_user=20, seed=3, label_noise=0.2)
+    users = list(range(600))
+    for one, many in zip([data.user_data(u) for u in users], data.users_data(users), strict=True):
+        for key in ("x", "y"):
+            assert torch.equal(one.tensors[key], many.tensors[key])
+            assert one.tensors[key].dtype == many.tensors[key].dtype
+    assert data.users_data([]) == []
+    with pytest.raises(IndexError):
+        data.users_data([0, 600])
