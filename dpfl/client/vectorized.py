@@ -138,6 +138,18 @@ def _plan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, mask) of shape (K, S, B): each client's batches, exactly those of the sequential
     path (:func:`dpfl.client.train.batches` with the same seed), padded with masked slots."""
+    sizes = {len(d) for d in datas}
+    if cfg.steps == 0 and cfg.batch_seconds == 0 and len(sizes) == 1:
+        n = sizes.pop()
+        if n > 0 and n % cfg.batch_size == 0:
+            # Equal clients, whole batches: each epoch of batches() is one randperm of the
+            # client's generator cut into consecutive batches, so the plan is those perms.
+            perms = []
+            for s in seeds:
+                g = torch.Generator().manual_seed(int(s))
+                perms.append(torch.cat([torch.randperm(n, generator=g) for _ in range(cfg.epochs)]))
+            index = torch.stack(perms).view(len(datas), -1, cfg.batch_size)
+            return index, torch.ones(index.shape)
     plans = [
         list(batches(d, cfg, torch.Generator().manual_seed(int(s))))
         for d, s in zip(datas, seeds, strict=True)

@@ -120,3 +120,20 @@ def test_device_knobs_fall_back_to_the_sequential_path():
     assert "float32 only" in why_not(model, task, bf16)
     micro = dataclasses.replace(LocalTrainConfig(), micro_batch_size=4)
     assert "micro-batching" in why_not(model, task, micro)
+
+
+@pytest.mark.parametrize("epochs,batch", [(1, 10), (3, 8), (2, 40)])
+def test_batch_plan_is_the_sequential_batches(epochs, batch):
+    from dpfl.client.train import batches
+    from dpfl.client.vectorized import _plan
+    from dpfl.simulations.data import SyntheticClassification
+
+    data = SyntheticClassification(num_users=100, examples_per_user=40)
+    users = list(range(0, 100, 7))
+    datas = data.users_data(users)
+    cfg = LocalTrainConfig(epochs=epochs, batch_size=batch)
+    index, mask = _plan(datas, cfg, users)
+    expected = [list(batches(d, cfg, torch.Generator().manual_seed(u)))
+                for d, u in zip(datas, users, strict=True)]  # fmt: skip
+    assert torch.equal(index, torch.stack([torch.stack(p) for p in expected]))
+    assert bool(mask.all())
