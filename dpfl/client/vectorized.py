@@ -35,6 +35,8 @@ from dpfl.privacy.clipping import ClipConfig, ClipStats, StackedClipStats, clip_
 from dpfl.profiling import section
 
 OPTIMIZERS = ("sgd", "adam")
+GATHER_BYTES = 64 * 2**20
+"""Up to this size, a chunk's batches for all its steps are gathered in one copy before training."""
 
 
 def why_not(model: nn.Module, task: Task, cfg: LocalTrainConfig, private=None) -> str | None:
@@ -258,8 +260,16 @@ def train_cohort(
     model.train()
     everyone = active.all(0).tolist()  # steps where no client is padded
     with section("local training"):
+        # every step's batch gathered at once, (K, S, B, ...), unless that copy would be large
+        per_example = sum(t[0, 0].numel() * t.element_size() for t in data.values())
+        at_once = index.numel() * per_example <= GATHER_BYTES
+        if at_once:
+            gathered = {key: t[rows[:, :, None], index] for key, t in data.items()}
         for s in range(steps):
-            batch = {key: t[rows, index[:, s]] for key, t in data.items()}
+            if at_once:
+                batch = {key: t[:, s] for key, t in gathered.items()}
+            else:
+                batch = {key: t[rows, index[:, s]] for key, t in data.items()}
             grads, losses = grad_fn(params, batch, mask[:, s])
             on = None if everyone[s] else active[:, s]
             loss_sums += losses.detach() if on is None else torch.where(on, losses.detach(), 0.0)

@@ -137,3 +137,20 @@ def test_batch_plan_is_the_sequential_batches(epochs, batch):
                 for d, u in zip(datas, users, strict=True)]  # fmt: skip
     assert torch.equal(index, torch.stack([torch.stack(p) for p in expected]))
     assert bool(mask.all())
+
+
+def test_gathering_step_by_step_gives_the_same_result(monkeypatch):
+    import dpfl.client.vectorized as vec
+
+    task = ClassificationTask(hidden=(16,))
+    model = task.build_model()
+    weights = global_weights(model)
+    data = [TensorData({"x": torch.randn(n, 32), "y": torch.randint(0, 10, (n,))})
+            for n in (20, 13, 20)]  # fmt: skip
+    cfg = LocalTrainConfig(epochs=2, batch_size=5, lr=0.1)
+    at_once = vec.cohort_updates(model, task, weights, data, cfg, [1, 2, 3])
+    monkeypatch.setattr(vec, "GATHER_BYTES", 0)
+    by_step = vec.cohort_updates(model, task, weights, data, cfg, [1, 2, 3])
+    for a, b in zip(at_once, by_step, strict=True):
+        for n in a.delta:
+            assert torch.equal(a.delta[n], b.delta[n])
