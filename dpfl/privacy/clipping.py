@@ -306,9 +306,14 @@ def stacked_norms(stacked: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
         ],
         dim=1,
     )
-    finite = torch.stack(
-        [torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1) for t in stacked.values()], 1
-    ).all(1)
+    if all(t.dtype == torch.float32 for t in stacked.values()):
+        # a float64 sum of float32 squares cannot overflow: the norm is finite iff the values are
+        finite = torch.isfinite(layer).all(1)
+    else:
+        finite = torch.stack(
+            [torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1) for t in stacked.values()],
+            1,
+        ).all(1)
     total = torch.where(finite, layer.pow(2).sum(1).sqrt(), torch.full_like(layer[:, 0], math.nan))
     return total, layer
 
@@ -350,6 +355,7 @@ def clip_stacked(
         scales = torch.where(divisors == 0, torch.ones_like(ratio), ratio.clamp(max=1.0))
     scales = torch.where(finite[:, None], scales, torch.zeros_like(scales))
     plain = (scales == 0) | ((scales >= 1e-30) & (scales <= 1e30))
+    all_finite = bool(finite.all())
     out = {}
     with torch.no_grad():
         for j, (name, t) in enumerate(stacked.items()):
@@ -360,7 +366,11 @@ def clip_stacked(
                 # factors beyond float32's range: divide by the norm first (as _apply_scale)
                 exact = t.detach().double() / divisors[:, j].view(shape) * bounds[:, j].view(shape)
                 scaled = torch.where(plain[:, j].view(shape), scaled, exact.to(t.dtype))
-            out[name] = torch.where(finite.view(shape), scaled, torch.zeros_like(scaled))
+            out[name] = (
+                scaled
+                if all_finite
+                else torch.where(finite.view(shape), scaled, torch.zeros_like(scaled))
+            )
     # n * s, computed as n / divisor * bound where s = bound / divisor may overflow
     after = torch.where(plain, layer * scales, layer / divisors.clamp_min(1e-300) * bounds)
     stats = StackedClipStats(
