@@ -312,7 +312,7 @@ def _step(cfg, opt, p, g, st, on, k_clients):
         if cfg.optimizer == "sgd" and not opt.momentum:  # the common case, without masking
             if opt.weight_decay:
                 g = g + opt.weight_decay * p
-            return p - cfg.lr * g
+            return p.add_(g, alpha=-cfg.lr)  # as torch's SGD; p is this function's own copy
     live = on.view(shape)
     if opt.weight_decay:
         g = g + opt.weight_decay * p

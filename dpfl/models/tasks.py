@@ -33,9 +33,11 @@ class TensorData:
         sizes = {k: len(v) for k, v in self.tensors.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"tensors of one dataset must have the same length, got {sizes}")
+        # frozen: the length is fixed at creation (len() is called often by batch planning)
+        object.__setattr__(self, "_length", next(iter(sizes.values()), 0))
 
     def __len__(self) -> int:
-        return len(next(iter(self.tensors.values()))) if self.tensors else 0
+        return self._length
 
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v[indices] for k, v in self.tensors.items()}
