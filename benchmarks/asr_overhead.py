@@ -9,9 +9,10 @@ is what a researcher would write: load the weights, SGD steps with per-step grad
 delta, flat clipping, sum, Gaussian noise, divide by the expected cohort, server SGD. dpfl adds
 its round machinery: validation and the server's bound check of each update, the privacy ledger
 and per-round epsilon, metrics, fault handling. Evaluation is left out of both (every 1000
-rounds). Prints median ms/round for each, rounds 2.. only (round 1 warms up).
+rounds). Prints ms/round for each: the median of rounds 3.. (two warm-up rounds, as new audio
+lengths build their kernels), over alternating turns of the two loops.
 
-Not a test. Usage: python benchmarks/asr_overhead.py [--rounds 6] [--json F]
+Not a test. Usage: python benchmarks/asr_overhead.py [--rounds 10] [--repeat 2] [--json F]
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ def child(mode: str, values: dict, rounds: int) -> None:
     print(json.dumps({"times": times}))
 
 
+WARMUP_ROUNDS = 2
+"""Rounds left out of each median: every new audio length compiles/allocates kernels first."""
+
+
 def measure(mode: str, values: dict, rounds: int) -> float:
     script = CHILD.format(root=str(Path(__file__).resolve().parent))
     res = subprocess.run(
@@ -139,18 +144,19 @@ def measure(mode: str, values: dict, rounds: int) -> float:
     if res.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{res.stderr[-3000:]}")
     times = json.loads(res.stdout.strip().splitlines()[-1])["times"]
-    return statistics.median(times[1:] if len(times) > 1 else times) * 1000
+    return statistics.median(times[WARMUP_ROUNDS:] if len(times) > WARMUP_ROUNDS else times) * 1000
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=2, help="turns of each loop, alternating")
     parser.add_argument("--json")
     args = parser.parse_args()
-    return run(args.rounds, args.json)
+    return run(args.rounds, args.json, args.repeat)
 
 
-def run(rounds: int = 6, json_path: str | None = None) -> dict:
+def run(rounds: int = 10, json_path: str | None = None, repeat: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         values = {**WORKLOAD, "data-dir": f"{tmp}/speech", "run-dir": f"{tmp}/run"}
         from dpfl.config import RunConfig
@@ -159,15 +165,23 @@ def run(rounds: int = 6, json_path: str | None = None) -> dict:
         t0 = time.perf_counter()
         build_dataset(RunConfig.from_mapping(values))  # synthesise the corpus (not timed)
         made = time.perf_counter() - t0
+        turns = {"dpfl": [], "plain": []}
+        for _ in range(repeat):  # alternating, so a slow spell of the machine hits both
+            for mode in turns:
+                turns[mode].append(measure(mode, values, rounds))
         result = {
             "corpus_seconds": made,
-            "dpfl_ms": measure("dpfl", values, rounds),
-            "plain_ms": measure("plain", values, rounds),
+            "dpfl_ms": statistics.median(turns["dpfl"]),
+            "plain_ms": statistics.median(turns["plain"]),
+            "turns": turns,
         }
     result["overhead"] = result["dpfl_ms"] / result["plain_ms"] - 1
     print(
-        f"tiny ASR, cohort 16: dpfl {result['dpfl_ms']:.0f} ms/round, plain PyTorch loop "
-        f"{result['plain_ms']:.0f} ms/round: dpfl's overhead {result['overhead']:+.1%}"
+        f"tiny ASR, cohort 16 (median of rounds {WARMUP_ROUNDS + 1}-{rounds}, {repeat} alternating "
+        f"turns): dpfl {result['dpfl_ms']:.0f} ms/round "
+        f"({', '.join(f'{t:.0f}' for t in turns['dpfl'])}), plain PyTorch loop "
+        f"{result['plain_ms']:.0f} ms/round ({', '.join(f'{t:.0f}' for t in turns['plain'])}): "
+        f"dpfl's overhead {result['overhead']:+.1%}"
     )
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

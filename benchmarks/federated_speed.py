@@ -282,7 +282,7 @@ def main() -> None:
         from asr_overhead import run as asr_run
 
         print("\nsecond workload: tiny CTC transformer, cohort 16 (benchmarks/asr_overhead.py)")
-        asr_run(rounds=6)
+        asr_run()
 
 
 if __name__ == "__main__":
