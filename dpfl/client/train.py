@@ -335,7 +335,8 @@ def local_update(
         for idx in batches(data, cfg, generator):
             for p in params:
                 p.grad = None
-            step_loss = _accumulate(model, task, data, micro_batches(idx, data, cfg), cfg, scaler)
+            parts = micro_batches(idx, data, cfg)
+            step_loss = _accumulate(model, task, data, parts, cfg, scaler, device)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
             if cfg.grad_clip > 0:
@@ -377,6 +378,7 @@ def _accumulate(
     parts: list,
     cfg: LocalTrainConfig,
     scaler: torch.amp.GradScaler | None,
+    device: torch.device,
 ) -> float:
     """Backpropagate one step's loss over its micro-batches ``parts``; return the step's loss.
 
@@ -384,7 +386,6 @@ def _accumulate(
     is the full batch's mean loss, and so is the accumulated gradient. A micro-batch's loss is
     computed under autocast but cast to float32 before weighting and backward.
     """
-    device = next(model.parameters()).device
     gathered = [data.batch(p) for p in parts]
     counts = [loss_count(task, b, len(p)) for b, p in zip(gathered, parts, strict=True)]
     total = sum(counts)

@@ -159,10 +159,6 @@ def _plan(
     steps = max(1, max((len(p) for p in plans), default=0))
     width = max((len(i) for p in plans for i in p), default=1)
     k_clients = len(datas)
-    if all(len(p) == steps and all(len(i) == width for i in p) for p in plans):
-        # every client has the same number of full batches: nothing to pad
-        index = torch.stack([torch.stack(p) for p in plans])
-        return index, torch.ones(index.shape)
     index = torch.zeros(k_clients * steps, width, dtype=torch.long)
     mask = torch.zeros(k_clients * steps, width)
     rows, flat = [], []

@@ -22,7 +22,6 @@ from dpfl.profiling import section
 from dpfl.runs import FederatedRun, client_seed, local_config
 from dpfl.server.round import RoundAggregator
 from dpfl.simulations import distributed
-from dpfl.simulations.distributed import user_size
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def simulate(
         users = []
         members = [int(u) for u in cohort]
         if group is not None:  # this rank's share, balanced by data size
-            members = group.share(members, [user_size(run.dataset, u) for u in members])
+            members = group.share(members, [distributed.user_size(run.dataset, u) for u in members])
         for user in members:
             fault = faults(user, round_number)
             if fault == "drop":  # gone mid-round: no reply at all
