@@ -288,8 +288,10 @@ def test_simulate_profile_prints_a_per_round_breakdown(tmp_path, capsys):
     rows = {line[:18].strip(): line[18:].split() for line in table[2:] if line.strip()}
     for phase in ("local training", "clipping", "aggregation", "noise", "accounting"):
         assert phase in rows, (phase, table)
-    # the phases and "other" add up to the round's total (shares sum to 100 %)
-    shares = [float(v[-1].rstrip("%")) for k, v in rows.items() if k != "round (total)"]
-    assert sum(shares) == pytest.approx(100.0, abs=0.5)
+    # phases never overlap: what they do not cover ("other") cannot be negative, and the
+    # training phase is a real share of the round
+    ms = {k: float(v[1]) for k, v in rows.items()}  # rounds 2-3
+    assert ms["other"] >= -0.01, table
+    assert ms["local training"] > 0 and ms["clipping"] > 0
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
