@@ -40,6 +40,8 @@ class Profile:
     def __init__(self, sync_cuda: bool = False) -> None:
         self.rounds: list[dict[str, float]] = []
         self.current: dict[str, float] = defaultdict(float)
+        self.open: str | None = None
+        """The section being timed now."""
         self.sync_cuda = sync_cuda and torch.cuda.is_available()
 
     def add(self, name: str, seconds: float) -> None:
@@ -90,10 +92,16 @@ def section(name: str) -> Iterator[None]:
     if profile is None:
         yield
         return
+    if profile.open is not None:  # a second count of the same seconds would hide in "other"
+        raise RuntimeError(
+            f"profile section {name!r} inside {profile.open!r}: sections do not nest"
+        )
+    profile.open = name
     t0 = time.perf_counter()
     try:
         yield
     finally:
+        profile.open = None
         if profile.sync_cuda:
             torch.cuda.synchronize()
         profile.add(name, time.perf_counter() - t0)

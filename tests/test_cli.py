@@ -295,3 +295,15 @@ def test_simulate_profile_prints_a_per_round_breakdown(tmp_path, capsys):
     assert ms["local training"] > 0 and ms["clipping"] > 0
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+
+
+def test_profile_sections_do_not_nest():
+    from dpfl.profiling import profiled, section
+
+    with profiled(sync_cuda=False) as profile:
+        with section("data"):
+            pass
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with section("local training"), section("clipping"):
+                pass
+    assert set(profile.current) >= {"data"}
