@@ -87,7 +87,7 @@ def main() -> int:
                     "eval-every": rounds,
                     "max-test-utterances": 8,
                     "device": device,
-                    "diagnostics": False,
+                    "diagnostics": True,  # the exact counts it reports (diag_*)
                     "run-dir": run_dir,
                 }
             )
@@ -106,9 +106,11 @@ def main() -> int:
         # leave out the first round (CUDA start-up) and the last (it evaluates), when there are more
         timed = rows[1:-1] if len(rows) >= 3 else rows
         per_round = statistics.median(r["seconds"] for r in timed)
-        client_steps = sum(r["cohort"] for r in rows) * args.local_steps
+        client_steps = sum(r["diag_cohort"] for r in rows) * args.local_steps
         steps_per_s = (
-            sum(r["cohort"] for r in timed) * args.local_steps / sum(r["seconds"] for r in timed)
+            sum(r["diag_cohort"] for r in timed)
+            * args.local_steps
+            / sum(r["seconds"] for r in timed)
         )
         row = {
             "device": torch.cuda.get_device_name()
@@ -117,7 +119,7 @@ def main() -> int:
             "rounds": len(times),
             "round_seconds": times,
             "median_round_seconds": per_round,
-            "cohorts": [r["cohort"] for r in rows],
+            "cohorts": [r["diag_cohort"] for r in rows],
             "client_steps_per_s": steps_per_s,
             "audio_seconds_per_s": audio["seconds"] / client_steps * steps_per_s,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30

@@ -103,6 +103,7 @@ def main() -> int:
         t_run = time.perf_counter()
         run_dir = tmp / "run"
         values = {
+            "diagnostics": True,  # lost replies are read from the exact counts (diag_*)
             "population": args.nodes,
             "cohort-size": float(args.nodes),
             "rounds": args.rounds,
@@ -132,9 +133,9 @@ def main() -> int:
         "rounds_completed": len(rounds),
         "flwr_run_rc": res.returncode,
         "status": status,
-        "accepted_per_round": [r["accepted"] for r in rounds],
-        "expected_per_round": [r["cohort"] for r in rounds],
-        "lost_replies": sum(r["cohort"] - r["accepted"] for r in rounds),
+        "accepted_per_round": [r["diag_accepted"] for r in rounds],
+        "expected_per_round": [r["diag_cohort"] for r in rounds],
+        "lost_replies": sum(r["diag_cohort"] - r["diag_accepted"] for r in rounds),
         "round_seconds": [round(r["seconds"], 2) for r in rounds],
         "run_wall_seconds": round(run_seconds, 1),
         "total_wall_seconds": round(time.perf_counter() - t_start, 1),

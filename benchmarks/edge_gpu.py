@@ -301,7 +301,7 @@ def supernode_round(args, device: str, size: str, deadline: float) -> dict:
         "eval-every": args.round_rounds,
         "max-test-utterances": 2,
         "device": device,
-        "diagnostics": False,
+        "diagnostics": True,  # the exact counts it reports (diag_*)
         "round-timeout": 300.0,
         "run-dir": str(run_dir),
     }
@@ -339,8 +339,8 @@ def supernode_round(args, device: str, size: str, deadline: float) -> dict:
         result.update(
             {
                 "round_seconds": [r["seconds"] for r in rounds],
-                "accepted": [r.get("accepted") for r in rounds],
-                "cohort": [r.get("cohort") for r in rounds],
+                "accepted": [r.get("diag_accepted") for r in rounds],
+                "cohort": [r.get("diag_cohort") for r in rounds],
                 "eval": {k: v for k, v in rounds[-1].items() if k.startswith("eval_")},
             }
         )

@@ -4,9 +4,9 @@ Workload: the default synthetic classification task (2,000 users x 50 examples, 
 10 classes, MLP 32-64-10), Poisson cohorts of expected size 200 (q = 0.1), 1 local epoch of
 batch-10 SGD (5 steps per client) at lr 0.1, flat clipping at C = 0.5, the noise multiplier
 calibrated for epsilon = 8 over the planned rounds (100 by default), LAMB on the server. Runs
-with the same seed (the same cohorts, the same local training and, through a fixed noise-seed,
-the same noise draws), differing only in the simulated clock: (a) once, (b) and (c) once per
-spread in ``--spreads`` (0.5 and 1.0 by default), five runs in all:
+with the same seeds (the same cohorts from a fixed sampling-seed, the same local training and,
+through a fixed noise-seed, the same noise draws), differing only in the simulated clock: (a)
+once, (b) and (c) once per spread in ``--spreads`` (0.5 and 1.0 by default), five runs in all:
 
 (a) homogeneous: every client takes ``--step-seconds`` simulated seconds per local step;
 (b) heterogeneous: a client's steps take ``--step-seconds`` x s_u, with its slowness
@@ -17,7 +17,7 @@ spread in ``--spreads`` (0.5 and 1.0 by default), five runs in all:
     of the cohort misses it. A late reply is dropped (the client still trained).
 
 Measured per run, from the run folder's metrics.jsonl and summary.json: simulated seconds per
-round (``sim_round_seconds``: the last accepted reply, or the deadline when anyone was late;
+round (``diag_sim_round_seconds``: the last accepted reply, or the deadline when anyone was late;
 median and total over the run), clients timed out per round (mean, and as a fraction of the
 sampled cohort), accepted replies per round, the divisor of the noisy sum (noise_std_sum /
 noise_std_average: the expected cohort q K, whatever the number of replies), the mean
@@ -65,7 +65,8 @@ WORKLOAD = {
     "server-optimizer": "lamb",
     "server-lr": 0.05,
     "noise-seed": 0,  # the same noise draws in every run (reproducible, not for real use)
-    "diagnostics": False,
+    "sampling-seed": 0,  # the same cohorts in every run (reproducible, not for real use)
+    "diagnostics": True,  # the exact counts and simulated times (diag_*) it reports
     "seed": 0,
 }
 
@@ -92,7 +93,7 @@ def run(name: str, values: dict) -> dict:
             if line.strip()
         ]
     rounds = [r for r in rows if r.get("round", 0) > 0 and not r.get("retry")]
-    sim = [r["sim_round_seconds"] for r in rounds]
+    sim = [r["diag_sim_round_seconds"] for r in rounds]
     privacy = summary["privacy"]
     expected = privacy["expected_cohort"]
     divisors = [
@@ -104,12 +105,12 @@ def run(name: str, values: dict) -> dict:
         "rounds": len(rounds),
         "sim_round_seconds_median": statistics.median(sim),
         "sim_seconds_total": sum(sim),
-        "timed_out_mean": statistics.fmean(r["timed_out"] for r in rounds),
-        "timed_out_fraction": sum(r["timed_out"] for r in rounds)
-        / sum(r["cohort"] for r in rounds),
-        "cohort_mean": statistics.fmean(r["cohort"] for r in rounds),
-        "accepted_mean": statistics.fmean(r["accepted"] for r in rounds),
-        "accepted_over_expected": statistics.fmean(r["accepted"] / expected for r in rounds),
+        "timed_out_mean": statistics.fmean(r["diag_timed_out"] for r in rounds),
+        "timed_out_fraction": sum(r["diag_timed_out"] for r in rounds)
+        / sum(r["diag_cohort"] for r in rounds),
+        "cohort_mean": statistics.fmean(r["diag_cohort"] for r in rounds),
+        "accepted_mean": statistics.fmean(r["diag_accepted"] for r in rounds),
+        "accepted_over_expected": statistics.fmean(r["diag_accepted"] / expected for r in rounds),
         "expected_cohort": expected,
         "divisors": divisors,
         "final_accuracy": summary["final"]["accuracy"],

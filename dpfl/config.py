@@ -208,6 +208,20 @@ class RunConfig:
     noise_seed: int = field(
         default=-1, metadata=_doc("fixed noise seed: reproducible and INSECURE (-1: secure)")
     )
+    sampling_seed: int = field(
+        default=-1,
+        metadata=_doc(
+            "fixed cohort-sampling seed: cohorts can be rebuilt from the run folder, INSECURE "
+            "(-1: secret cohorts)"
+        ),
+    )
+    count_noise_multiplier: float = field(
+        default=0.0,
+        metadata=_doc(
+            "z_c: std (in users) of the noise on the accepted-reply count that min-replies "
+            "decides on; charged with the sum as one mechanism (0: automatic, 10 x z)"
+        ),
+    )
     # --- server
     server_optimizer: str = field(default="lamb", metadata=_doc("server optimizer (registry name)"))
     server_lr: float = field(default=0.05, metadata=_doc("server learning rate"))
@@ -221,11 +235,18 @@ class RunConfig:
     server_schedule_gamma: float = field(default=0.6, metadata=_doc("step/exponential: factor"))
     server_warmup_steps: int = field(default=0, metadata=_doc("linear warm-up rounds"))
     # --- run
-    seed: int = field(default=0, metadata=_doc("seed for data, cohorts and local training"))
+    seed: int = field(
+        default=0,
+        metadata=_doc("seed for data and local training (never for cohorts or noise)"),
+    )
     eval_every: int = field(default=1, metadata=_doc("evaluate every N rounds"))
     checkpoint_every: int = field(default=0, metadata=_doc("checkpoint every N rounds (0: off)"))
     diagnostics: bool = field(
-        default=True, metadata=_doc("record per-client non-private diagnostics")
+        default=False,
+        metadata=_doc(
+            "record non-private diagnostics (diag_*: exact counts of replies, failures and "
+            "cohort sizes, per-client losses and norms, device figures); not covered by DP"
+        ),
     )
     device: str = field(default="auto", metadata=_doc("auto, cpu or cuda"))
     run_dir: str = field(
@@ -247,6 +268,13 @@ class RunConfig:
     )
     vectorize_chunk: int = field(
         default=256, metadata=_doc("simulator: clients per vectorised chunk (bounds memory)")
+    )
+    node_registry: str = field(
+        default="",
+        metadata=_doc(
+            "Flower: a TOML file binding SuperNode ids to user ids (operator-written, for "
+            "authenticated nodes); '' trusts each node's partition-id"
+        ),
     )
     # --- faults: what a round needs, and simulated failures (simulator only)
     min_replies: int = field(
@@ -478,6 +506,15 @@ class RunConfig:
             raise bad("delta", "0 (automatic) or a number in (0, 1)")
         if self.noise_seed < -1:
             raise bad("noise_seed", "-1 (secure) or a seed >= 0")
+        if self.sampling_seed < -1:
+            raise bad("sampling_seed", "-1 (secret cohorts) or a seed >= 0")
+        if self.count_noise_multiplier < 0:
+            raise bad("count_noise_multiplier", "a number >= 0 (0: automatic)")
+        if self.count_noise_multiplier > 0 and self.min_replies == 0:
+            raise ValueError(
+                "config key count-noise-multiplier is the noise on the count that min-replies "
+                "decides on: set min-replies > 0, or count-noise-multiplier = 0"
+            )
         try:
             sizes = self.hidden_sizes
         except ValueError:

@@ -58,8 +58,22 @@ def statement_lines(
         f"{p['clip_location']}; Gaussian noise z = {p['noise_multiplier']:.4g} on the sum "
         f"(sigma_DP = {p['sigma_dp']:.3g} on the average)",
         f"noise:      {p['noise_source']}",
+        *([f"cohorts:    {p['cohort_source']}"] if p.get("cohort_source") else []),
+        *(
+            [
+                f"count:      min-replies decided on a noisy count, z_c = "
+                f"{p['count_noise_multiplier']:.4g}; each attempt charged as one Gaussian "
+                f"mechanism at z_eff = {p['charged_noise_multiplier']:.4g}"
+            ]
+            if p.get("count_noise_multiplier")
+            else []
+        ),
         f"delta:      {p['delta']:g}",
+        *([f"trust:      {p['threat_model']}"] if p.get("threat_model") else []),
+        *[f"assumes:    {a}" for a in p.get("assumptions", [])],
     ]
+    if summary.get("evaluation_note"):
+        lines.append(f"evaluation: NON-PRIVATE: {summary['evaluation_note']}")
     if "epsilon" not in p:
         lines.append(p["text"])
         return lines
@@ -78,13 +92,15 @@ def statement_lines(
         how = f"under {used}" if used == name else f"under {used} ({name} requested)"
         note = f"; {r['note']}" if r.get("note") else ""
         lines.append(f"  {_num(r['epsilon']):.4g} {how}{note}")
-    rounds = summary["rounds_run"]
-    if rounds > 0:
+    rounds = charged  # every charged attempt, as the actual epsilon counts them
+    # sigma_DP of what each attempt is charged at (z_eff when a noisy count is released)
+    sigma = p.get("charged_noise_multiplier", p["noise_multiplier"]) / p["expected_cohort"]
+    if rounds > 0 and sigma > 0:
         settings = scaled_settings(p["expected_cohort"], p["population"], scales)
-        rows = extrapolate(p["sigma_dp"], settings, rounds, p["delta"])
+        rows = extrapolate(sigma, settings, rounds, p["delta"])
         lines.append(
-            f"epsilon (extrapolated, not actual; rdp; same sigma_DP, T = {rounds}, delta;"
-            " cohort and population scaled):"
+            f"epsilon (extrapolated, not actual; rdp; same sigma_DP, T = {rounds} charged, "
+            "delta; cohort and population scaled):"
         )
         for k, row in zip(scales, rows, strict=True):
             warn = (
@@ -120,13 +136,20 @@ def write_plots(run_dir: str | Path, metrics: list[dict], metric: str) -> list[P
         fig.savefig(run / "metric.png", dpi=100)
         plt.close(fig)
         out.append(run / "metric.png")
-    eps = [(m["round"], _num(m["epsilon"])) for m in metrics if "epsilon" in m]
+    names = {k for m in metrics for k in m if k.startswith("epsilon_")}
+    # the configured accountant's where it was computed each round, else RDP's
+    name = next((k for k in sorted(names) if k != "epsilon_rdp"), "epsilon_rdp")
+    if name != "epsilon_rdp" and sum(name in m for m in metrics) < sum(
+        "epsilon_rdp" in m for m in metrics
+    ):
+        name = "epsilon_rdp"
+    eps = [(m["round"], _num(m[name])) for m in metrics if name in m]
     eps = [(r, e) for r, e in eps if math.isfinite(e)]
     if eps:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(*zip(*eps, strict=True), marker="o", markersize=3, color="tab:red")
         ax.set_xlabel("round")
-        ax.set_ylabel("epsilon (rdp)")
+        ax.set_ylabel(f"epsilon ({name.removeprefix('epsilon_')})")
         ax.set_title("privacy spent")
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -13,7 +13,6 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +29,21 @@ from dpfl.client.train import (
 )
 from dpfl.config import RunConfig
 from dpfl.models.tasks import TASKS, ClassificationTask, Task
-from dpfl.privacy.accounting import (
-    ACCOUNTANTS,
-    ADJACENCY,
-    SAMPLING,
-    calibrate_noise_multiplier,
-    epsilon_for_segments,
+from dpfl.privacy.accounting import EpsilonResult, PrivacyLedger
+from dpfl.privacy_plan import (  # noqa: F401  (NoisePlan is part of this module's interface)
+    NoisePlan,
+    privacy_statement,
+    resolve_noise,
+    server_spec,
 )
 from dpfl.profiling import round_done, section
 from dpfl.server.round import (
     RoundAggregator,
-    ServerSpec,
     ServerState,
     load_checkpoint,
     save_checkpoint,
 )
-from dpfl.server.sampling import sample_cohort
+from dpfl.server.sampling import CohortSampler
 from dpfl.simulations.data import FederatedDataset, SyntheticClassification
 
 log = logging.getLogger(__name__)
@@ -190,105 +188,6 @@ def local_config(cfg: RunConfig) -> LocalTrainConfig:
     )
 
 
-@dataclass(frozen=True)
-class NoisePlan:
-    noise_multiplier: float
-    calibrated: bool
-    """True when z was calibrated for ``target_epsilon`` over the planned rounds."""
-
-
-def resolve_noise(cfg: RunConfig) -> NoisePlan:
-    """z from the config: as given, or (noise-multiplier = 0 with a target-epsilon) calibrated
-    so the planned rounds spend exactly the target. Either way a run with a target stops before
-    a round that would exceed it."""
-    if not cfg.dp_enabled:
-        return NoisePlan(0.0, False)
-    if cfg.target_epsilon > 0 and cfg.noise_multiplier == 0:
-        z = calibrate_noise_multiplier(
-            cfg.target_epsilon, cfg.resolved_delta, cfg.sample_rate, cfg.rounds, cfg.accountant
-        )
-        return NoisePlan(z, True)
-    return NoisePlan(cfg.noise_multiplier, False)
-
-
-def server_spec(cfg: RunConfig, noise: NoisePlan) -> ServerSpec:
-    return ServerSpec(
-        sample_rate=cfg.sample_rate,
-        population=cfg.population,
-        clip=cfg.clip_config(),
-        clip_location=cfg.clip_location,
-        noise_multiplier=noise.noise_multiplier,
-        delta=cfg.resolved_delta,
-        accountant=cfg.accountant,
-        sampling=cfg.sampling,
-        optimizer=cfg.server_optimizer,
-        lr=cfg.server_lr,
-        options=cfg.server_options(),
-        schedule=cfg.server_schedule,
-        schedule_options=cfg.schedule_options(),
-        noise_seed=None if cfg.noise_seed < 0 else cfg.noise_seed,
-    )
-
-
-def privacy_statement(
-    cfg: RunConfig, spec: ServerSpec, ledger_segments, noise_label: str, rounds_run: int
-) -> dict[str, Any]:
-    """The (epsilon, delta) of the rounds actually run, with every assumption it rests on."""
-    statement: dict[str, Any] = {
-        "dp": spec.dp,
-        "rounds_run": rounds_run,
-        "rounds_planned": cfg.rounds,
-        "noise_source": noise_label,
-    }
-    if not spec.dp:
-        statement["text"] = "DP is off (clip-norm = 0): no privacy guarantee."
-        return statement
-    statement.update(
-        {
-            "adjacency": ADJACENCY,
-            "sampling": SAMPLING if spec.sampling == "poisson" else "fixed-size cohorts",
-            "sample_rate": spec.sample_rate,
-            "expected_cohort": spec.expected_cohort,
-            "population": spec.population,
-            "noise_multiplier": spec.noise_multiplier,
-            "sigma_dp": spec.noise_multiplier / spec.expected_cohort,
-            "clip_norm": spec.clip.clip_norm,
-            "clip_scheme": spec.clip.scheme,
-            "clip_mode": spec.clip.mode,
-            "clip_location": spec.clip_location,
-            "delta": spec.delta,
-        }
-    )
-    if not spec.accounted:
-        statement["text"] = (
-            "fixed-size cohorts: no accountant here covers this sampling, so no epsilon is reported"
-        )
-        return statement
-    results = {}
-    for name in ACCOUNTANTS:
-        r = epsilon_for_segments(ledger_segments, spec.delta, name, fallback=True)
-        results[name] = {"epsilon": r.epsilon, "accountant": r.accountant, "note": r.note}
-    statement["epsilon"] = results
-    main = results[cfg.accountant]
-    eps = main["epsilon"]
-    charged = sum(seg.steps for seg in ledger_segments)
-    statement["rounds_charged"] = charged
-    extra = charged - rounds_run
-    why = (
-        f" ({rounds_run} run + {extra} charged again: replayed after a crash, or discarded "
-        "for too few replies)"
-        if extra
-        else ""
-    )
-    statement["text"] = (
-        f"(epsilon, delta) = ({eps:.4g}, {spec.delta:g}) under {main['accountant']}, "
-        f"Poisson sampling, q={spec.sample_rate:.4g}, T={charged}{why}; user-level DP "
-        f"({ADJACENCY}), clip {spec.clip.scheme} C={spec.clip.clip_norm:g} on the "
-        f"{spec.clip_location}, z={spec.noise_multiplier:.4g}; noise: {noise_label}"
-    )
-    return statement
-
-
 def _json_value(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
@@ -354,14 +253,25 @@ class RunWriter:
         return self.dir / "checkpoint.pt"
 
 
-# Collects one round's updates into the aggregator; returns extra metrics for the round.
+# Collects one attempt's updates into the aggregator; returns its non-private diagnostics
+# (``diag_*`` keys only: exact counts, per-client statistics), recorded only with diagnostics on.
 Collect = Callable[[int, np.ndarray, Weights, RoundAggregator], dict[str, Any]]
+# Rank 0's value of an object on every rank (torchrun); the identity in one process.
+Share = Callable[[Any], Any]
+
+CLIENT_STATE = "clients/state.pt"
+"""The simulated clients' own state (client-kept parameters), apart from the server's
+checkpoint: it identifies the users who trained, as a device's own disk would."""
+
+
+def _alone(value: Any) -> Any:
+    return value
 
 
 class FederatedRun:
-    """The loop every way of running shares: budget check, cohort, collect, server step,
-    evaluation, metrics, checkpoints, summary. Only ``collect`` differs: in process (the
-    simulator) or through Flower messages (the strategy)."""
+    """The loop every way of running shares: budget check before every attempt, secret cohort,
+    collect, noisy decision, server step, evaluation, metrics, checkpoints, summary. Only
+    ``collect`` differs: in process (the simulator) or through Flower messages (the strategy)."""
 
     def __init__(
         self,
@@ -371,13 +281,16 @@ class FederatedRun:
         progress: bool = True,
         primary: bool = True,
         ranks: int = 1,
+        share: Share | None = None,
     ) -> None:
         """``primary = False``: another rank of a distributed simulation (of ``ranks``), which
-        runs the rounds but neither evaluates nor writes the run folder."""
+        runs the rounds but neither evaluates nor writes the run folder; ``share`` gives every
+        rank rank 0's cohorts, decisions and ledger."""
         self.started = time.perf_counter()
         self.ranks = ranks
         self.cfg = cfg
         self.primary = primary
+        self.share = share or _alone
         self.writer = RunWriter(cfg.run_dir, resume=resume, enabled=primary)
         torch.manual_seed(cfg.seed)  # the initial model
         self.device = pick_device(cfg)
@@ -389,6 +302,12 @@ class FederatedRun:
         self.test_data = self.dataset.test_data()
         self.noise = resolve_noise(cfg)
         self.spec = server_spec(cfg, self.noise)
+        # Cohorts come from their own secret key (never from `seed`), or from sampling-seed.
+        self.sampler = (
+            CohortSampler.secret()
+            if cfg.sampling_seed < 0
+            else CohortSampler.from_seed(cfg.sampling_seed)
+        )
         # Parameters a task keeps on the client (scene-specific, FedBN-style) are never sent:
         # the server holds the others; each client's private ones live in a store that costs
         # nothing for clients never sampled.
@@ -399,41 +318,58 @@ class FederatedRun:
             private_weights(self.model, self.private, self.buffers) if self.private else {}
         )
         self.private_store: dict[int, Weights] = {}
+        self.eval_uses_private = False
         sent = global_weights(self.model, self.private, self.buffers)
         self.state = ServerState(
             sent, self.spec, cfg.rounds, averaged=frozenset(self.buffers) & set(sent)
         )
         if resume:
-            ckpt = load_checkpoint(self.writer.checkpoint_path)
-            if ckpt["config"] != cfg.to_dict():
-                raise ValueError("the run folder's checkpoint was written with a different config")
-            self.state.load_state_dict(ckpt["server"])
-            self.private_store = ckpt.get("clients", {})
-            replayed = self.writer.truncate_after(self.state.round)
-            if replayed and self.state.noise.secure and self.spec.dp:
-                # Those rounds released noisy aggregates that fresh noise will not reproduce:
-                # the re-run releases new ones, so the lost rounds stay charged.
-                self.state.ledger.record(
-                    self.spec.noise_multiplier, self.spec.sample_rate, replayed
-                )
-                log.warning("charging %d replayed rounds to the privacy budget", replayed)
-            log.info("resumed from round %d", self.state.round)
+            self._resume()
         self.progress = progress and primary
         self.writer.write_config(
             cfg,
             {
                 "noise_multiplier": self.noise.noise_multiplier,
+                "count_noise_multiplier": self.noise.count_noise_multiplier,
+                "charged_noise_multiplier": self.noise.effective,
                 "noise_calibrated": self.noise.calibrated,
                 "delta": self.spec.delta,
                 "device": str(self.device),
             },
         )
 
+    @property
+    def name_users(self) -> bool:
+        """Whether logs may name the users of a round: only when the cohorts are not secret."""
+        return not self.sampler.secure
+
+    def _resume(self) -> None:
+        ckpt = load_checkpoint(self.writer.checkpoint_path)
+        if ckpt["config"] != self.cfg.to_dict():
+            raise ValueError("the run folder's checkpoint was written with a different config")
+        self.state.load_state_dict(ckpt["server"])
+        clients = Path(self.cfg.run_dir) / CLIENT_STATE
+        if self.private and clients.exists():
+            self.private_store = load_checkpoint(clients)
+        # Rank 0 alone reads and truncates the metrics; every rank takes its ledger.
+        replayed = self.writer.truncate_after(self.state.round) if self.primary else 0
+        if replayed and self.state.noise.secure and self.spec.dp:
+            # Those rounds released noisy aggregates that fresh noise will not reproduce: the
+            # re-run releases new ones, so the lost rounds stay charged (at least once each).
+            self.state.ledger.record(
+                self.spec.charged_noise_multiplier, self.spec.sample_rate, replayed
+            )
+            log.warning("charging %d replayed rounds to the privacy budget", replayed)
+        ledger = self.share(self.state.ledger.to_dict() if self.primary else None)
+        self.state.ledger = PrivacyLedger.from_dict(ledger)
+        log.info("resumed from round %d", self.state.round)
+
     def evaluate(self) -> dict[str, float]:
         if not self.primary:
             return {}
         if self.private and hasattr(self.task, "evaluate_federated"):
             # per client, with its private parameters (available in simulation only)
+            self.eval_uses_private = True
             return self.task.evaluate_federated(
                 self.model,
                 self.dataset,
@@ -448,12 +384,19 @@ class FederatedRun:
             # with their mean over the users trained so far (a simulation-only diagnostic; a
             # deployed server never sees them). Before any user trained: the initial ones.
             stored = [u for u in self.private_store.values() if kept_stats[0] in u]
+            self.eval_uses_private = self.eval_uses_private or bool(stored)
             source = stored or [self.initial_private]
             load_weights(
                 self.model,
                 {b: torch.stack([u[b].float() for u in source]).mean(0) for b in kept_stats},
             )
         return self.task.evaluate(self.model, self.test_data)
+
+    def _eval_metrics(self, values: dict[str, float]) -> dict[str, Any]:
+        out: dict[str, Any] = {f"eval_{k}": v for k, v in values.items()}
+        if values and self.eval_uses_private:
+            out["eval_non_private"] = 1  # computed with per-user private state: a diagnostic
+        return out
 
     def load_client(self, user: int) -> None:
         """Put ``user``'s private parameters into the workspace model (first time: fresh)."""
@@ -468,29 +411,115 @@ class FederatedRun:
         if self.private:
             self.private_store[user] = private_weights(self.model, self.private, self.buffers)
 
-    def _over_budget(self) -> bool:
+    def _budget_ahead(self) -> EpsilonResult | None:
+        """Epsilon under the configured accountant if one more attempt is charged (None when
+        there is no budget to keep)."""
         cfg, spec = self.cfg, self.spec
         if not (cfg.target_epsilon > 0 and spec.accounted):
-            return False
-        ahead = self.state.ledger.epsilon_after(
-            spec.noise_multiplier, spec.sample_rate, 1, spec.delta, cfg.accountant
+            return None
+        with section("accounting"):
+            return self.state.ledger.epsilon_after(
+                spec.charged_noise_multiplier,
+                spec.sample_rate,
+                1,
+                spec.delta,
+                cfg.accountant,
+                fallback=True,
+            )
+
+    def _epsilon_metrics(
+        self, metrics: dict[str, Any], ahead: EpsilonResult | None, last: bool
+    ) -> None:
+        """Per-round epsilon, named by the accountant that computed it: RDP every round
+        (cheap), the configured accountant whenever the budget check computed it (every
+        attempt when there is a target) and otherwise on evaluation rounds and the last."""
+        cfg, spec = self.cfg, self.spec
+        if not spec.accounted or cfg.accountant == "rdp":
+            return
+        if ahead is None and not (last or metrics["round"] % cfg.eval_every == 0):
+            return
+        if ahead is None:
+            with section("accounting"):
+                ahead = self.state.ledger.epsilon(spec.delta, cfg.accountant, fallback=True)
+        if ahead.accountant != "rdp":
+            metrics[f"epsilon_{ahead.accountant}"] = ahead.epsilon
+
+    def _attempts(self, round_number: int, collect: Collect) -> dict[str, Any] | None:
+        """Run round ``round_number`` (retrying as configured); its metrics, or None when the
+        budget does not allow another attempt."""
+        cfg, state = self.cfg, self.state
+        attempt = 0
+        while True:
+            ahead = self._budget_ahead()  # before EVERY attempt: a retry is charged too
+            if ahead is not None and ahead.epsilon > cfg.target_epsilon:
+                log.warning(
+                    "stopping before round %d%s: it would bring epsilon to %.4g > target %.4g",
+                    round_number,
+                    f" (attempt {attempt + 1})" if attempt else "",
+                    ahead.epsilon,
+                    cfg.target_epsilon,
+                )
+                return None
+            with section("sampling"):
+                cohort = self.share(
+                    self.sampler.cohort(
+                        cfg.population, cfg.sample_rate, round_number, attempt, cfg.sampling
+                    )
+                    if self.primary
+                    else None
+                )
+            agg = state.begin_round()
+            extra = collect(round_number, cohort, state.weights(), agg)
+            unlabelled = [k for k in extra if not k.startswith("diag_")]
+            if unlabelled:
+                raise RuntimeError(f"collect returned unlabelled per-client values: {unlabelled}")
+            diagnostics: dict[str, Any] = {}
+            if cfg.diagnostics:
+                diagnostics = {**agg.diagnostics(), "diag_cohort": len(cohort), **extra}
+                if agg.norms:  # server-side clipping stats
+                    diagnostics.setdefault("diag_update_norm_mean", float(np.mean(agg.norms)))
+                    diagnostics.setdefault("diag_fraction_clipped", agg.clipped / len(agg.norms))
+            decision = self.share(state.decide(agg, cfg.min_replies) if self.primary else None)
+            if decision.apply:
+                metrics = state.finish_round(agg, decision)
+                break
+            give_up = cfg.on_too_few == "skip" or attempt >= cfg.max_retries
+            log.warning(
+                "round %d: too few accepted replies for min-replies %d%s: %s (charged)",
+                round_number,
+                cfg.min_replies,
+                ""
+                if decision.noisy_count is None
+                else f" (noisy count {decision.noisy_count:.1f})",
+                "skipped" if give_up else "retrying",
+            )
+            metrics = state.discard_round(agg, advance=give_up, decision=decision)
+            self._epsilon_metrics(metrics, ahead, last=False)
+            if give_up:
+                break
+            self.writer.append({**metrics, **diagnostics, "retry": 1})
+            attempt += 1
+        metrics["attempts"] = attempt + 1  # post-processing of noisy counts: public
+        self._epsilon_metrics(metrics, ahead, last=round_number == cfg.rounds)
+        metrics.update(diagnostics)
+        return metrics
+
+    def _checkpoint(self) -> None:
+        cfg, state = self.cfg, self.state
+        save_checkpoint(
+            self.writer.checkpoint_path, {"config": cfg.to_dict(), "server": state.state_dict()}
         )
-        if ahead.epsilon <= cfg.target_epsilon:
-            return False
-        log.warning(
-            "stopping before round %d: it would bring epsilon to %.4g > target %.4g",
-            self.state.round + 1,
-            ahead.epsilon,
-            cfg.target_epsilon,
-        )
-        return True
+        if self.private:
+            path = Path(cfg.run_dir) / CLIENT_STATE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(path, self.private_store)
 
     def run(self, collect: Collect, *, stop_after_round: int | None = None) -> dict[str, Any]:
         """Run the remaining rounds; ``stop_after_round`` ends early, as if the process stopped."""
         cfg, state = self.cfg, self.state
         initial = self.evaluate() if state.round == 0 else None
         if initial is not None:
-            self.writer.append({"round": 0, **{f"eval_{k}": v for k, v in initial.items()}})
+            self.writer.append({"round": 0, **self._eval_metrics(initial)})
         last_eval: dict[str, float] = initial or {}
         stopped_for_budget = False
         round_times: list[float] = []
@@ -499,70 +528,34 @@ class FederatedRun:
             while state.round < cfg.rounds:
                 if stop_after_round is not None and state.round >= stop_after_round:
                     break
-                if self._over_budget():
-                    stopped_for_budget = True
-                    break
                 t0 = time.perf_counter()
                 round_number = state.round + 1
-                attempt = 0
-                while True:
-                    # a retry draws a fresh cohort (same schedule q, another draw)
-                    with section("sampling"):
-                        cohort = sample_cohort(
-                            cfg.population,
-                            cfg.sample_rate,
-                            cfg.seed + 7919 * attempt,
-                            round_number,
-                            cfg.sampling,
-                        )
-                    agg = state.begin_round()
-                    extra = collect(round_number, cohort, state.weights(), agg)
-                    if agg.accepted >= cfg.min_replies:
-                        metrics = state.finish_round(agg)
-                        break
-                    give_up = cfg.on_too_few == "skip" or attempt >= cfg.max_retries
-                    log.warning(
-                        "round %d: %d accepted replies < min-replies %d: %s (charged)",
-                        round_number,
-                        agg.accepted,
-                        cfg.min_replies,
-                        "skipped" if give_up else "retrying",
-                    )
-                    metrics = state.discard_round(agg, advance=give_up)
-                    if give_up:
-                        break
-                    self.writer.append({**metrics, "cohort": len(cohort), **extra, "retry": 1})
-                    attempt += 1
-                metrics["cohort"] = len(cohort)
-                metrics["attempts"] = attempt + 1
-                metrics.update(extra)
-                if cfg.diagnostics and agg.norms:  # server-side clipping stats
-                    metrics.setdefault("diag_update_norm_mean", float(np.mean(agg.norms)))
-                    metrics.setdefault("diag_fraction_clipped", agg.clipped / len(agg.norms))
+                metrics = self._attempts(round_number, collect)
+                if metrics is None:
+                    stopped_for_budget = True
+                    break
                 if round_number % cfg.eval_every == 0 or round_number == cfg.rounds:
                     with section("evaluation"):
                         last_eval = self.evaluate()
-                    metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
+                    metrics.update(self._eval_metrics(last_eval))
                 with section("metrics"):
                     round_times.append(time.perf_counter() - t0)
                     metrics["seconds"] = round_times[-1]
                     self.writer.append(metrics)
                     checkpoint = cfg.checkpoint_every and round_number % cfg.checkpoint_every == 0
                     if checkpoint and self.primary:
-                        save_checkpoint(
-                            self.writer.checkpoint_path,
-                            {
-                                "config": cfg.to_dict(),
-                                "server": state.state_dict(),
-                                "clients": self.private_store,
-                            },
-                        )
+                        self._checkpoint()
                     bar.update(metrics, self.task.metric)
                 round_done(time.perf_counter() - t0)
         finally:
             bar.close()
         statement = privacy_statement(
-            cfg, self.spec, state.ledger.segments, state.noise.label, state.round
+            cfg,
+            self.spec,
+            state.ledger.segments,
+            state.noise.label,
+            state.round,
+            self.sampler.label,
         )
         summary = {
             "rounds_run": state.round,
@@ -575,9 +568,16 @@ class FederatedRun:
             "wall_seconds": time.perf_counter() - self.started,
             "device": str(self.device),
             "ranks": self.ranks,
-            "diagnostics_note": "diag_* metrics are per-client statistics NOT covered by the DP "
-            "guarantee (non-private diagnostics)",
+            "diagnostics_note": "diag_* metrics are exact counts and per-client statistics NOT "
+            "covered by the DP guarantee (non-private diagnostics; off unless diagnostics = "
+            "true)",
         }
+        if self.eval_uses_private:
+            summary["evaluation_note"] = (
+                "eval_* metrics were computed with per-user private state (client-kept "
+                "parameters or statistics trained on un-noised user data): non-private "
+                "diagnostics, not covered by the DP guarantee"
+            )
         self.writer.write_summary(summary)
         self.writer.write_model(state.weights())
         return summary
@@ -606,8 +606,9 @@ class _Progress:
         parts = []
         if f"eval_{metric}" in metrics:
             parts.append(f"{metric} {metrics[f'eval_{metric}']:.4f}")
-        if "epsilon" in metrics:
-            parts.append(f"eps {metrics['epsilon']:.3g}")
+        eps = [k for k in metrics if k.startswith("epsilon_")]
+        if eps:  # the configured accountant's when it was computed, else RDP's
+            parts.append(f"eps {metrics[eps[-1]]:.3g}")
         self.bar.update(self.task, advance=1, info="  ".join(parts))
 
     def close(self) -> None:

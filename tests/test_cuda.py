@@ -20,6 +20,7 @@ def _run(tmp_path, device: str, **over):
         "noise-multiplier": 0.5,
         "target-epsilon": 0.0,
         "noise-seed": 7,
+        "sampling-seed": 7,
         "device": device,
         "run-dir": str(tmp_path / device),
         **over,
@@ -53,6 +54,28 @@ def test_private_parameters_are_stored_on_the_cpu(tmp_path):
     })  # fmt: skip
     summary = simulate(cfg, progress=False)
     assert summary["rounds_run"] == 2 and summary["device"].startswith("cuda")
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    stored = [t for user in ckpt["clients"].values() for t in user.values()]
+    clients = load_checkpoint(tmp_path / "run" / "clients" / "state.pt")
+    stored = [t for user in clients.values() for t in user.values()]
     assert stored and all(t.device.type == "cpu" for t in stored)
+
+
+def test_noise_for_cuda_tensors_is_drawn_in_bulk_and_copied_once(monkeypatch):
+    from dpfl.privacy.mechanisms import GaussianMechanism, NoiseSource
+
+    source = NoiseSource(device="cuda")
+    copies = []
+    real = torch.Tensor.to
+
+    def counting(self, *args, **kwargs):
+        if self.device.type == "cpu" and any("cuda" in str(a) for a in args):
+            copies.append(self.numel())
+            assert self.is_pinned() and kwargs.get("non_blocking")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting)
+    sums = {f"t{i}": torch.zeros(1000, 100, device="cuda") for i in range(30)}
+    out = GaussianMechanism(2.0, 0.5, source).noisy_mean(sums, 1.0, inplace=True)
+    assert copies == [30 * 100_000]  # one transfer for all thirty tensors
+    draws = torch.cat([t.reshape(-1) for t in out.values()])
+    assert draws.device.type == "cuda"
+    assert draws.std().item() == pytest.approx(2.0 * 0.5, rel=0.01)

@@ -169,12 +169,14 @@ def test_the_readme_edge_recipe_runs_as_written(tmp_path, background):
     run_dir = deploy / "runs" / "edge"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rows if r.get("round", 0) > 0]
-    assert [r["accepted"] for r in rounds] == [2, 2, 2]
-    assert all(r["rejected"] == 0 and r["sys_steps_per_second_min"] > 0 for r in rounds)
-    assert all(r["sys_clients_cuda"] == 0 and r["sys_peak_memory_mb_max"] > 0 for r in rounds)
+    assert [r["diag_accepted"] for r in rounds] == [2, 2, 2]
+    assert all(r["diag_rejected"] == 0 and r["diag_sys_steps_per_second_min"] > 0 for r in rounds)
+    assert all(
+        r["diag_sys_clients_cuda"] == 0 and r["diag_sys_peak_memory_mb_max"] > 0 for r in rounds
+    )
     # the report states the epsilon spent, within the default target of 8
     report = outputs[-1]
     match = re.search(r"epsilon \(actual.*\n\s+([0-9.e+-]+) under rdp", report)
     assert match, report
     assert 0 < float(match[1]) <= 8.0 * (1 + 1e-6)
-    assert "sys_steps_per_second_mean" in report  # the tail of metrics.jsonl
+    assert "diag_sys_steps_per_second_mean" in report  # the tail of metrics.jsonl

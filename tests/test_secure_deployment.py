@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -106,8 +107,14 @@ def test_tls_and_supernode_authentication_on_loopback(tmp_path, procs):
     wait_until(lambda: "SuperNode ID" in procs.log("authorised"), 120, "the authorised node")
     assert authorised.poll() is None
 
+    # the operator binds the authenticated node (the id it logged) to user 0
+    node_id = re.search(r"SuperNode ID: (\d+)", procs.log("authorised")).group(1)
+    registry = tmp_path / "nodes.toml"
+    registry.write_text(f'[nodes]\n"{node_id}" = 0\n')
     run_dir = tmp_path / "run"
     values = {
+        "node-registry": str(registry),
+        "diagnostics": True,
         "population": 2,
         "cohort-size": 2.0,  # q = 1: both users are asked every round
         "rounds": 2,
@@ -125,4 +132,4 @@ def test_tls_and_supernode_authentication_on_loopback(tmp_path, procs):
     assert len(rounds) == 2
     for r in rounds:
         # only the authorised node's update arrived; user 1 has no connected node
-        assert r["accepted"] == 1 and r["unreachable"] == 1 and r["rejected"] == 0
+        assert r["diag_accepted"] == 1 and r["diag_unreachable"] == 1 and r["diag_rejected"] == 0

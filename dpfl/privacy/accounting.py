@@ -514,11 +514,14 @@ class PrivacyLedger:
         steps: int,
         delta: float,
         accountant: Accountant = "rdp",
+        *,
+        fallback: bool = False,
     ) -> EpsilonResult:
-        """Epsilon if ``steps`` more rounds ran at (z, q): to stop *before* exceeding a budget."""
+        """Epsilon if ``steps`` more rounds ran at (z, q): to stop *before* exceeding a budget.
+        ``fallback``: where PRV/PLD refuse, RDP's (larger, so still safe) figure."""
         trial = PrivacyLedger(self._segments)
         trial.record(noise_multiplier, sample_rate, steps)
-        return trial.epsilon(delta, accountant)
+        return trial.epsilon(delta, accountant, fallback=fallback)
 
     def to_dict(self) -> dict:
         return {"segments": [asdict(s) for s in self._segments]}

@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from dpfl.config import RunConfig
-from dpfl.server.strategy import DPFedAvg, discover_users
+from dpfl.server.strategy import DPFedAvg, discover_users, load_node_registry
 
 app = ServerApp()
 
@@ -26,7 +26,14 @@ def main(grid: Grid, context: Context) -> None:
         logger.addHandler(logging.StreamHandler())
         logger.setLevel(logging.INFO)
     cfg = RunConfig.from_mapping(dict(context.run_config))
-    user_nodes = discover_users(grid, expected=cfg.population, timeout=cfg.round_timeout)
+    registry = load_node_registry(cfg.node_registry, cfg.population) if cfg.node_registry else None
+    user_nodes = discover_users(
+        grid,
+        expected=cfg.population,
+        timeout=cfg.round_timeout,
+        population=cfg.population,
+        registry=registry,
+    )
     if not user_nodes:
         raise RuntimeError("no node answered: nothing to train on")
     strategy = DPFedAvg(cfg, user_nodes)

@@ -42,7 +42,12 @@ from dpfl.privacy.clipping import (
     stacked_norms,
     stacked_violations,
 )
-from dpfl.privacy.mechanisms import GaussianMechanism, NoiseSource
+from dpfl.privacy.mechanisms import (
+    GaussianMechanism,
+    NoiseSource,
+    effective_noise_multiplier,
+    noisy_count,
+)
 from dpfl.privacy.updates import l2_norm
 from dpfl.profiling import section
 
@@ -68,10 +73,18 @@ class ServerSpec:
     schedule: str = "constant"
     schedule_options: ScheduleOptions = ScheduleOptions()
     noise_seed: int | None = None
+    count_noise_multiplier: float = 0.0
+    """z_c of the noisy count that ``min-replies`` decides on (0: no count is released)."""
 
     @property
     def expected_cohort(self) -> float:
         return self.sample_rate * self.population
+
+    @property
+    def charged_noise_multiplier(self) -> float:
+        """What the ledger charges per attempt: z, or z_eff when a noisy count is released
+        with the sum (one subsampled Gaussian mechanism on both)."""
+        return effective_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier)
 
     @property
     def dp(self) -> bool:
@@ -205,6 +218,26 @@ class RoundAggregator:
     def num_rejected(self) -> int:
         return sum(self.rejected.values())
 
+    def diagnostics(self) -> dict[str, Any]:
+        """The round's exact counts: per-user facts, NOT covered by DP (``diag_*``)."""
+        out: dict[str, Any] = {
+            "diag_replies": self.accepted + self.num_rejected,
+            "diag_accepted": self.accepted,
+            "diag_rejected": self.num_rejected,
+        }
+        if self.rejected:
+            out["diag_rejected_reasons"] = dict(self.rejected)
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether an attempt's sum is applied, and the noisy count it was decided on."""
+
+    apply: bool
+    noisy_count: float | None = None
+    """The accepted count plus N(0, z_c^2) (DP runs with min-replies); None otherwise."""
+
 
 class ServerState:
     """Global weights, server optimizer and schedule, privacy ledger, round counter."""
@@ -242,6 +275,8 @@ class ServerState:
         self.ledger = PrivacyLedger()
         self.round = 0
         self.noise = NoiseSource(seed=spec.noise_seed)
+        if spec.dp and spec.noise_multiplier > 0:
+            self.noise.reserve(sum(p.numel() for p in self.params.values()))
         self.mechanism = (
             GaussianMechanism(spec.noise_multiplier, spec.clip.clip_norm, self.noise)
             if spec.dp
@@ -258,17 +293,49 @@ class ServerState:
     def begin_round(self) -> RoundAggregator:
         return RoundAggregator(self.shapes, self.spec)
 
-    def discard_round(self, agg: RoundAggregator, advance: bool) -> dict[str, float]:
-        """A round with too few accepted replies: nothing is applied or released.
+    def decide(self, agg: RoundAggregator, min_replies: int) -> Decision:
+        """Whether the attempt just collected has enough accepted replies to be applied.
 
-        It is still charged to the ledger at the scheduled q (conservative: whether a round is
-        discarded depends on which updates were accepted, which can depend on users' data), so
-        failures never lower the reported epsilon. ``advance``: the round counts as run
-        (skipped) rather than about to be retried.
+        Under DP the decision is made on a noisy count (std z_c users; the count changes by at
+        most 1 with one user), never on the exact one: the ledger charges the attempt as one
+        Gaussian mechanism on (sum, count) at z_eff (:attr:`ServerSpec.charged_noise_multiplier`),
+        so the decision, and whether the round was applied, skipped or retried, are
+        post-processing. Without ``min_replies`` nothing is decided and no count is released.
         """
+        if min_replies <= 0:
+            return Decision(True)
+        spec = self.spec
+        if spec.dp and spec.count_noise_multiplier > 0:
+            with section("noise"):
+                noisy = noisy_count(agg.accepted, spec.count_noise_multiplier, self.noise)
+            return Decision(noisy >= min_replies, noisy)
+        # no DP (nothing to protect), or no noise at all (epsilon is unbounded anyway)
+        return Decision(agg.accepted >= min_replies)
+
+    def _charge(self) -> None:
         spec = self.spec
         if spec.dp:
-            self.ledger.record(spec.noise_multiplier, spec.sample_rate)
+            self.ledger.record(spec.charged_noise_multiplier, spec.sample_rate)
+
+    def _privacy_metrics(self, decision: Decision | None) -> dict[str, float]:
+        spec, metrics = self.spec, {}
+        if decision is not None and decision.noisy_count is not None:
+            metrics["noisy_accepted"] = decision.noisy_count  # DP: accounted with the sum
+        if spec.accounted:
+            with section("accounting"):  # RDP each round (cached per (q, z)); PLD/PRV at the end
+                metrics["epsilon_rdp"] = self.ledger.epsilon(spec.delta, "rdp").epsilon
+        return metrics
+
+    def discard_round(
+        self, agg: RoundAggregator, advance: bool, decision: Decision | None = None
+    ) -> dict[str, float]:
+        """An attempt with too few accepted replies: its sum is neither applied nor released.
+
+        It is still charged to the ledger at the scheduled q and the full z_eff (conservative:
+        only the noisy count was released), so failures never lower the reported epsilon.
+        ``advance``: the round counts as run (skipped) rather than about to be retried.
+        """
+        self._charge()
         if advance:
             self.round += 1
             with warnings.catch_warnings():  # no optimizer step in a discarded round
@@ -276,16 +343,14 @@ class ServerState:
                 self.schedule.step()
         metrics: dict[str, float] = {
             "round": self.round if advance else self.round + 1,
-            "replies": agg.accepted + agg.num_rejected,
-            "accepted": agg.accepted,
-            "rejected": agg.num_rejected,
             "discarded": 1,
         }
-        if spec.accounted:
-            metrics["epsilon"] = self.ledger.epsilon(spec.delta, "rdp").epsilon
+        metrics.update(self._privacy_metrics(decision))
         return metrics
 
-    def finish_round(self, agg: RoundAggregator) -> dict[str, float]:
+    def finish_round(
+        self, agg: RoundAggregator, decision: Decision | None = None
+    ) -> dict[str, float]:
         """Noise, average, optimizer step and accounting for the round just collected.
 
         Under DP the noisy sum is divided by the expected cohort size q*K and the round is
@@ -299,8 +364,9 @@ class ServerState:
             total = {n: torch.zeros_like(p) for n, p in self.params.items()}
         if spec.dp:
             with section("noise"):
-                average = self.mechanism.noisy_mean(total, spec.expected_cohort)
-            self.ledger.record(spec.noise_multiplier, spec.sample_rate)
+                # in place: the round's sum is the server's own and is not needed afterwards
+                average = self.mechanism.noisy_mean(total, spec.expected_cohort, inplace=True)
+            self._charge()
         elif agg.accepted > 0:
             average = {n: t / agg.accepted for n, t in total.items()}
         else:
@@ -319,22 +385,16 @@ class ServerState:
         self.schedule.step()
         metrics: dict[str, float] = {
             "round": self.round,
-            "replies": agg.accepted + agg.num_rejected,
-            "accepted": agg.accepted,
-            "rejected": agg.num_rejected,
             "noise_std_sum": self.mechanism.std if spec.dp else 0.0,
             "noise_std_average": (self.mechanism.std / spec.expected_cohort) if spec.dp else 0.0,
             "server_lr": self.optimizer.param_groups[0]["lr"],
         }
-        if agg.rejected:
-            metrics["rejected_reasons"] = dict(agg.rejected)
         if average is not None:
+            # of the noisy average under DP: post-processing (without DP nothing is private)
             metrics["update_norm"] = math.sqrt(
                 sum(float(a.double().pow(2).sum()) for a in average.values())
             )
-        if spec.accounted:
-            with section("accounting"):  # RDP each round (cached per (q, z)); PLD/PRV at the end
-                metrics["epsilon"] = self.ledger.epsilon(spec.delta, "rdp").epsilon
+        metrics.update(self._privacy_metrics(decision))
         return metrics
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -371,26 +431,38 @@ class ServerState:
 # --- checkpoint files with a checksum ---------------------------------------------------------
 
 
+_MAGIC = b"dpfl-checkpoint sha256 "
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` with torch.save plus a SHA-256 of the bytes, atomically."""
+    """Write ``payload`` with torch.save behind a header holding the SHA-256 of its bytes, to a
+    temporary file renamed over ``path``: a crash at any moment leaves the old checkpoint or
+    the new one, never a mix of one's data and the other's checksum."""
     path = Path(path)
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
+    header = _MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n"
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
+    with tmp.open("wb") as fh:
+        fh.write(header + data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
-    Path(str(path) + ".sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint after verifying its checksum; a corrupt or truncated file is an error."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-        expected = Path(str(path) + ".sha256").read_text().strip()
+        raw = path.read_bytes()
     except FileNotFoundError as err:
         raise ValueError(f"checkpoint {path}: {err.strerror}: {err.filename}") from None
+    if raw.startswith(_MAGIC) and b"\n" in raw[: len(_MAGIC) + 65]:
+        end = raw.index(b"\n")
+        expected, data = raw[len(_MAGIC) : end].decode("ascii", "replace"), raw[end + 1 :]
+    else:
+        raise ValueError(f"checkpoint {path} is not a dpfl checkpoint (no checksum header)")
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ValueError(

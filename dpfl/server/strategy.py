@@ -1,7 +1,8 @@
 """DP-FedAvg as a Flower strategy on the Message API.
 
 The strategy only moves messages: ``configure_train`` addresses the users dpfl's sampler drew
-(Poisson, from user ids and the seed) to the nodes that hold them, and ``aggregate_train`` feeds
+(Poisson, from its secret key: only the ServerApp knows a cohort; a node learns only that it is
+asked to train) to the nodes that hold them, and ``aggregate_train`` feeds
 the replies, in user order, to the same :class:`~dpfl.server.round.RoundAggregator` the simulator
 uses. Validation, noise, the server optimizer, accounting, evaluation, checkpoints and the run
 folder are :class:`dpfl.runs.FederatedRun`'s, shared with the simulator.
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+import tomllib
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +35,60 @@ USER_KEY = "partition-id"
 """The node_config key naming the user whose data a node holds."""
 
 
-def discover_users(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+def load_node_registry(path: str | Path, population: int) -> dict[int, int]:
+    """An operator-written registry binding SuperNode ids to user ids: node id -> user.
+
+    A TOML file with one table, ``[nodes]``, of ``"<node id>" = <user id>`` (the node id that
+    ``flower-supernode`` logs as "SuperNode ID" once its key is registered with ``flwr supernode
+    register``). Every user id must be in ``0 .. population - 1`` and bound to one node.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"config key node-registry: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config key node-registry: {path} is not valid TOML: {err}") from None
+    table = data.get("nodes")
+    if not isinstance(table, dict) or not table:
+        raise ValueError(
+            f'config key node-registry: {path} needs a [nodes] table of "<node id>" = <user id>'
+        )
+    registry: dict[int, int] = {}
+    owner: dict[int, int] = {}
+    for key, user in table.items():
+        if not str(key).isdigit():
+            raise ValueError(f"node registry {path}: {key!r} is not a node id (digits)")
+        if isinstance(user, bool) or not isinstance(user, int) or not 0 <= user < population:
+            raise ValueError(
+                f"node registry {path}: node {key} -> {user!r}: a user id must be an integer "
+                f"in [0, {population - 1}] (population = {population})"
+            )
+        if user in owner:
+            raise ValueError(
+                f"node registry {path}: user {user} is bound to two nodes ({owner[user]} and "
+                f"{key}); one user, one node"
+            )
+        owner[user] = int(key)
+        registry[int(key)] = user
+    return registry
+
+
+def discover_users(
+    grid: Grid,
+    expected: int,
+    timeout: float,
+    population: int | None = None,
+    registry: dict[int, int] | None = None,
+) -> dict[int, int]:
     """Map user id -> node id by asking every node which user it holds (a QUERY message).
 
     Waits up to ``timeout`` seconds for ``expected`` nodes to connect, then asks them all.
+    With a ``registry`` (node id -> user, see :func:`load_node_registry`) a node counts only if
+    the registry lists it and its claim agrees with it; without one, a claim must name a user in
+    ``0 .. population - 1``. Nodes that fail either check are refused (logged, never sampled);
+    when several nodes claim one user, all of them are dropped: none can be told genuine.
     """
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
@@ -44,6 +97,11 @@ def discover_users(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
         node_ids = list(grid.get_node_ids())
     if len(node_ids) < expected:
         log.warning("only %d of %d expected nodes connected", len(node_ids), expected)
+    if registry is not None:
+        for node in node_ids:
+            if node not in registry:
+                log.warning("node %d is not in the node registry: refused", node)
+        node_ids = [node for node in node_ids if node in registry]
     messages = [
         Message(
             content=RecordDict({"query": ConfigRecord({"what": USER_KEY})}),
@@ -52,16 +110,41 @@ def discover_users(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
         )
         for node in node_ids
     ]
-    users: dict[int, int] = {}
+    claims: dict[int, list[int]] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d did not say which user it holds: %s", node, reply.error.reason)
             continue
-        user = int(reply.content["info"][USER_KEY])
-        if user in users:
-            raise ValueError(f"two nodes ({users[user]} and {node}) claim user {user}")
-        users[user] = node
+        try:
+            user = int(reply.content["info"][USER_KEY])
+        except (KeyError, TypeError, ValueError):
+            log.warning("node %d sent no readable %s: refused", node, USER_KEY)
+            continue
+        if registry is not None and registry.get(node) != user:
+            log.warning(
+                "node %d claims user %d, but the node registry binds it to user %s: refused",
+                node,
+                user,
+                registry.get(node),
+            )
+            continue
+        if population is not None and not 0 <= user < population:
+            log.warning(
+                "node %d claims user %d, outside 0..%d (population %d): refused",
+                node,
+                user,
+                population - 1,
+                population,
+            )
+            continue
+        claims.setdefault(user, []).append(node)
+    users: dict[int, int] = {}
+    for user, nodes in claims.items():
+        if len(nodes) > 1:
+            log.warning("nodes %s all claim user %d: all of them dropped", sorted(nodes), user)
+            continue
+        users[user] = nodes[0]
     return users
 
 
@@ -74,13 +157,18 @@ def summarize_system(system: dict[str, list[float]]) -> dict[str, float]:
     largest peak memory, and how many clients trained on CUDA (per-client facts, not DP)."""
     out: dict[str, float] = {}
     if speeds := system.get("sys-steps-per-second"):
-        out["sys_steps_per_second_min"] = min(speeds)
-        out["sys_steps_per_second_mean"] = float(np.mean(speeds))
+        out["diag_sys_steps_per_second_min"] = min(speeds)
+        out["diag_sys_steps_per_second_mean"] = float(np.mean(speeds))
     if memory := system.get("sys-peak-memory-mb"):
-        out["sys_peak_memory_mb_max"] = max(memory)
+        out["diag_sys_peak_memory_mb_max"] = max(memory)
     if cuda := system.get("sys-device-cuda"):
-        out["sys_clients_cuda"] = int(sum(v > 0 for v in cuda))
+        out["diag_sys_clients_cuda"] = int(sum(v > 0 for v in cuda))
     return out
+
+
+SERVER_ONLY_KEYS = frozenset({"noise-seed", "sampling-seed", "node-registry"})
+"""Run-config keys that never leave the ServerApp: with them, anyone could recompute the noise
+or the cohorts (reproducible mode), or learn the binding of nodes to users."""
 
 
 class DPFedAvg(Strategy):
@@ -88,6 +176,7 @@ class DPFedAvg(Strategy):
 
     def __init__(self, cfg: RunConfig, user_nodes: dict[int, int]) -> None:
         self.cfg = cfg
+        self.name_users = cfg.sampling_seed >= 0  # logs name users only if cohorts are public
         self.user_nodes = user_nodes
         self.node_users = {node: user for user, node in user_nodes.items()}
         self._cohort: np.ndarray = np.array([], dtype=np.int64)
@@ -114,7 +203,7 @@ class DPFedAvg(Strategy):
             messages.append(
                 Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
             )
-        self._extra["unreachable"] = unreachable
+        self._extra["diag_unreachable"] = unreachable
         return messages
 
     def aggregate_train(
@@ -134,9 +223,14 @@ class DPFedAvg(Strategy):
                 agg.reject("a second reply from the same node in one round")
             elif reply.has_error():
                 failed += 1
-                log.warning(
-                    "user %d failed in round %d: %s", user, server_round, reply.error.reason
-                )
+                if self.name_users:
+                    log.warning(
+                        "user %d failed in round %d: %s", user, server_round, reply.error.reason
+                    )
+                else:
+                    log.warning(
+                        "a sampled client failed in round %d: %s", server_round, reply.error.reason
+                    )
             else:
                 by_user.append((user, reply))
             seen.add(node)
@@ -161,7 +255,7 @@ class DPFedAvg(Strategy):
                 if "diag-update-norm" in metrics:
                     norms.append(float(metrics["diag-update-norm"]))
                     clipped += int(metrics.get("diag-clipped", 0))
-        self._extra["failed"] = failed
+        self._extra["diag_failed"] = failed
         if self.cfg.diagnostics and losses:
             self._extra["diag_train_loss"] = float(np.mean(losses))
         if self.cfg.diagnostics and norms:
@@ -169,13 +263,13 @@ class DPFedAvg(Strategy):
             self._extra["diag_fraction_clipped"] = clipped / len(norms)
         devices = summarize_system(system)
         self._extra.update(devices)
-        if devices:
+        if devices and self.cfg.diagnostics:
             log.info(
-                "round %d devices: %s",
+                "round %d devices (non-private diagnostics): %s",
                 server_round,
                 ", ".join(f"{k} {v:.4g}" for k, v in devices.items()),
             )
-        return None, MetricRecord({"accepted": agg.accepted, "rejected": agg.num_rejected})
+        return None, None  # the release is the server step's (noise, optimizer), not Flower's
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -200,7 +294,9 @@ class DPFedAvg(Strategy):
 
     def collector(self, grid: Grid) -> Callable[[int, np.ndarray, Weights, RoundAggregator], dict]:
         """The ``collect`` step of :class:`dpfl.runs.FederatedRun`, through Flower messages."""
-        train_config = ConfigRecord(self.cfg.to_dict())
+        train_config = ConfigRecord(
+            {k: v for k, v in self.cfg.to_dict().items() if k not in SERVER_ONLY_KEYS}
+        )
 
         def collect(round_number, cohort, weights, agg) -> dict[str, Any]:
             self._cohort, self._agg, self._extra = cohort, agg, {}
@@ -209,8 +305,8 @@ class DPFedAvg(Strategy):
             )
             replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
             self.aggregate_train(round_number, replies)
-            self._extra["missing"] = len(messages) - (
-                agg.accepted + agg.num_rejected + self._extra.get("failed", 0)
+            self._extra["diag_missing"] = len(messages) - (
+                agg.accepted + agg.num_rejected + self._extra.get("diag_failed", 0)
             )
             return dict(self._extra)
 

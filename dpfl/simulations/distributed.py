@@ -2,8 +2,10 @@
 
 Launched by ``torchrun`` (one machine or several), every rank runs the same simulation:
 
-* every rank samples the same cohort (same seeds) and takes its share of it, balanced by the
-  clients' data sizes (:func:`balanced_shares`: largest first, each to the least loaded rank);
+* rank 0 draws the cohort from its secret sampling key and broadcasts it (as it does the noisy
+  count that min-replies decides on, and the ledger on resume); every rank takes its share of
+  the cohort, balanced by the clients' data sizes (:func:`balanced_shares`: largest first, each
+  to the least loaded rank);
 * each rank trains and clips its clients (vectorised or one by one, as configured) and sums the
   accepted deltas; the partial sums are added with one all-reduce, and the counts (accepted,
   rejected with reasons, time-outs, failures, diagnostics) are gathered;
@@ -12,9 +14,10 @@ Launched by ``torchrun`` (one machine or several), every rank runs the same simu
 * rank 0 alone evaluates and writes the run folder (metrics, checkpoints, summary, report).
 
 Backends: gloo on CPU, NCCL when the config's device is CUDA (each rank on ``cuda:LOCAL_RANK``).
-One rank and N ranks agree for the same seeds to float rounding (the sum is taken in another
-order). The ranks form one trust domain, the server's: partial sums of clipped updates and the
-noise travel between them unencrypted, so links between machines must be private.
+One rank and N ranks agree for the same noise-seed and sampling-seed to float rounding (the sum
+is taken in another order). The ranks form one trust domain, the server's: partial sums of
+clipped updates, the noise and the cohorts travel between them unencrypted, so links between
+machines must be private.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class Group:
 
     def close(self) -> None:
         if self.owned and dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still talks in it
             dist.destroy_process_group()
 
     @property
@@ -105,6 +109,12 @@ class Group:
         agg.total = self._unflat(flat, zeros) if agg.accepted else None
         tally.merge([p[4] for p in parts])
 
+    def broadcast_object(self, value):
+        """Rank 0's ``value`` (any picklable object), on every rank; a collective call."""
+        box = [value if self.primary else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def broadcast(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rank 0's tensors, on every rank."""
         flat = self._flat(tensors)
@@ -134,9 +144,9 @@ class SharedNoise:
     def std(self) -> float:
         return self.mechanism.std
 
-    def noisy_mean(self, summed, expected_cohort_size: float):
+    def noisy_mean(self, summed, expected_cohort_size: float, *, inplace: bool = False):
         if self.group.primary:
-            out = self.mechanism.noisy_mean(summed, expected_cohort_size)
+            out = self.mechanism.noisy_mean(summed, expected_cohort_size, inplace=inplace)
         else:
             out = {n: torch.empty_like(t) for n, t in summed.items()}
         return self.group.broadcast(out)

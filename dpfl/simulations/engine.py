@@ -48,6 +48,7 @@ def simulate(
         progress=progress,
         primary=group is None or group.primary,
         ranks=1 if group is None else group.size,
+        share=None if group is None else group.broadcast_object,
     )
     if group is not None:
         if run.private:
@@ -162,7 +163,7 @@ def simulate(
         round_number: int, cohort: np.ndarray, weights: Weights, agg: RoundAggregator
     ) -> dict[str, Any]:
         weights = {n: w.to(run.device) for n, w in weights.items()}
-        tally = _Tally(cfg, slowness)
+        tally = _Tally(cfg, slowness, run.name_users)
         users = []
         members = [int(u) for u in cohort]
         if group is not None:  # this rank's share, balanced by data size
@@ -194,8 +195,10 @@ class _Tally:
     """What a round's clients did, for its metrics: failures, drop-outs, time-outs on the
     simulated clock, and the (non-private) diagnostics when asked for."""
 
-    def __init__(self, cfg: RunConfig, slowness) -> None:
-        self.cfg, self.slowness = cfg, slowness
+    def __init__(self, cfg: RunConfig, slowness, name_users: bool = False) -> None:
+        """``name_users``: logs may name a failed user (only when the cohorts are not secret:
+        a failure in a round tells that the user was sampled)."""
+        self.cfg, self.slowness, self.name_users = cfg, slowness, name_users
         self.failed = self.dropped = self.timed_out = self.clipped = 0
         self.finish_times: list[float] = []
         self.losses: list[float] = []
@@ -203,7 +206,10 @@ class _Tally:
 
     def fail(self, user: int, round_number: int, why) -> None:
         self.failed += 1
-        log.warning("user %d failed in round %d: %s", user, round_number, why)
+        if self.name_users:
+            log.warning("user %d failed in round %d: %s", user, round_number, why)
+        else:
+            log.warning("a sampled client failed in round %d: %s", round_number, why)
 
     def late(self, user: int, steps: int) -> bool:
         """True when the user's reply misses the round deadline (the server stops waiting)."""
@@ -238,15 +244,16 @@ class _Tally:
             setattr(self, k, [x for s in states for x in s[k]])
 
     def metrics(self) -> dict[str, Any]:
+        """The round's exact counts and per-client statistics: non-private (``diag_*``)."""
         cfg = self.cfg
         extra: dict[str, Any] = {
-            "failed": self.failed,
-            "dropped": self.dropped,
-            "timed_out": self.timed_out,
+            "diag_failed": self.failed,
+            "diag_dropped": self.dropped,
+            "diag_timed_out": self.timed_out,
         }
         if cfg.sim_step_seconds > 0:
             # simulated round time: the last accepted reply, or the deadline if anyone was late
-            extra["sim_round_seconds"] = (
+            extra["diag_sim_round_seconds"] = (
                 cfg.round_timeout if self.timed_out else max(self.finish_times, default=0.0)
             )
         if cfg.diagnostics:

@@ -75,7 +75,7 @@ def run(tmp_path, name, **over):
     cfg = RunConfig.from_mapping({
         "population": 200, "cohort-size": 40, "rounds": 4, "examples-per-user": 20,
         "server-lr": 0.1, "noise-multiplier": 0.7, "target-epsilon": 0.0, "noise-seed": 9,
-        "run-dir": str(tmp_path / name), **over,
+        "sampling-seed": 2, "run-dir": str(tmp_path / name), **over,
     })  # fmt: skip
     summary = simulate(cfg, progress=False)
     return summary, torch.load(tmp_path / name / "model.pt", weights_only=True)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,8 +8,11 @@ from dpfl.privacy.clipping import ClipConfig, clip_update
 from dpfl.privacy.mechanisms import (
     GaussianMechanism,
     NoiseSource,
+    effective_noise_multiplier,
     noise_multiplier_from_sigma_dp,
+    noisy_count,
     sigma_dp_from_noise_multiplier,
+    sum_noise_multiplier,
 )
 
 N_DRAWS = 2_000_000
@@ -70,20 +74,74 @@ def test_secure_source_draws_differ_and_seeded_source_reproduces():
     assert torch.equal(s1.gaussian_like(t, 1.0), s2.gaussian_like(t, 1.0))
 
 
-def test_secure_seed_comes_from_the_os_source(monkeypatch):
-    import dpfl.privacy.mechanisms as m
+def test_secure_key_comes_straight_from_the_os_source(monkeypatch):
+    import dpfl.privacy.randomness as r
 
     calls = []
+    real = r.secrets.token_bytes
 
-    def fake_randbits(k):
-        calls.append(k)
-        return 99
+    def recording(n):
+        key = real(n)
+        calls.append(key)
+        return key
 
-    monkeypatch.setattr(m.secrets, "randbits", fake_randbits)
-    t = torch.zeros(100)
-    got = m.NoiseSource().gaussian_like(t, 1.0)
-    assert calls == [63]
-    assert torch.equal(got, NoiseSource(seed=99).gaussian_like(t, 1.0))
+    monkeypatch.setattr(r.secrets, "token_bytes", recording)
+    source = NoiseSource()
+    assert len(calls) == 1 and len(calls[0]) >= 16  # 128-bit AES or 256-bit ChaCha key
+    got = source.standard_normal(10_000).numpy()
+    # the draws are exactly the cipher's stream under that key (not a seed expanded from it)
+    expected = np.empty(10_000, dtype=np.float32)
+    r.CipherStreams(calls[0], source.cipher, secure=True).standard_normal(expected)
+    assert np.array_equal(got, expected)
+    with pytest.raises(RuntimeError, match="never exports"):
+        source.get_state()
+
+
+def test_a_seed_and_its_low_32_bits_give_different_noise():
+    # MT19937 kept 32 bits of a seed: seed and seed mod 2^32 gave identical noise
+    seed = (1 << 40) + 12345
+    a = NoiseSource(seed=seed).standard_normal(1000)
+    b = NoiseSource(seed=seed & 0xFFFFFFFF).standard_normal(1000)
+    assert not torch.equal(a, b)
+
+
+def test_noise_of_many_tensors_is_one_bulk_draw(monkeypatch):
+    source = NoiseSource(seed=3)
+    calls = []
+    real = source._streams.standard_normal
+    monkeypatch.setattr(
+        source._streams, "standard_normal", lambda out: calls.append(out.size) or real(out)
+    )
+    summed = {f"layer{i}": torch.zeros(100 + i) for i in range(20)}
+    noisy = GaussianMechanism(1.0, 1.0, source).add_noise(summed)
+    assert calls == [sum(100 + i for i in range(20))]  # one draw for all twenty tensors
+    flat = torch.cat([t for t in noisy.values()])
+    assert len(torch.unique(flat)) == flat.numel()  # no tensor reuses another's draws
+
+
+def test_reproducible_source_resumes_from_its_state():
+    a = NoiseSource(seed=9)
+    a.standard_normal(3 * 2**20 + 5)  # several streams
+    state = a.get_state()
+    expected = a.standard_normal(1000)
+    b = NoiseSource(seed=9)
+    b.set_state(state)
+    assert torch.equal(b.standard_normal(1000), expected)
+    with pytest.raises(ValueError, match="not this source"):
+        NoiseSource(seed=9).set_state(torch.zeros(5))  # an old (torch generator) state
+
+
+def test_noisy_count_has_std_z_c_and_the_effective_multiplier_composes():
+    source = NoiseSource(seed=1)
+    draws = np.array([noisy_count(40, 3.0, source) for _ in range(20_000)])
+    assert draws.mean() == pytest.approx(40, abs=4 * 3.0 / math.sqrt(20_000))
+    assert draws.std() == pytest.approx(3.0, rel=0.03)
+    z_eff = effective_noise_multiplier(0.8, 8.0)
+    assert z_eff == pytest.approx((0.8**-2 + 8.0**-2) ** -0.5)
+    assert effective_noise_multiplier(0.8, 0.0) == 0.8  # no count released
+    assert sum_noise_multiplier(z_eff, 8.0) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="must exceed"):
+        sum_noise_multiplier(1.0, 0.9)
 
 
 def test_mechanism_keeps_structure_and_input():
@@ -122,3 +180,19 @@ def test_paper_convention():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_in_place_noise_equals_the_copying_path_and_reuses_its_buffer():
+    sums = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
+    copy = GaussianMechanism(1.5, 0.5, NoiseSource(seed=11)).noisy_mean(sums, 4.0)
+    assert torch.equal(sums["a"], torch.arange(6.0).reshape(2, 3))  # untouched
+    source = NoiseSource(seed=11)
+    mech = GaussianMechanism(1.5, 0.5, source)
+    own = {k: v.clone() for k, v in sums.items()}
+    out = mech.noisy_mean(own, 4.0, inplace=True)
+    assert out["a"] is own["a"]  # computed in the server's own sum
+    for k in sums:
+        torch.testing.assert_close(out[k], copy[k], rtol=1e-6, atol=1e-7)
+    buffer = source._scratch
+    mech.noisy_mean({k: v.clone() for k, v in sums.items()}, 4.0, inplace=True)
+    assert source._scratch is buffer  # the next round draws into the same memory

@@ -42,7 +42,8 @@ def test_average_is_divided_by_expected_cohort_not_replies():
     metrics = state.finish_round(agg)
     # server SGD with lr 1: new = old + average delta = 3 * 0.01 / 10
     assert torch.allclose(state.params["w"].detach(), torch.full((30, 20), 0.003))
-    assert metrics["accepted"] == 3 and metrics["rejected"] == 0
+    assert agg.diagnostics() == {"diag_replies": 3, "diag_accepted": 3, "diag_rejected": 0}
+    assert not {"accepted", "replies", "rejected"} & set(metrics)  # exact counts: diagnostics
     assert state.ledger.segments[0].sample_rate == 0.1
 
 
@@ -53,7 +54,7 @@ def test_without_dp_it_is_plain_fedavg_over_replies():
     agg.add(delta(0.03))
     metrics = state.finish_round(agg)
     assert torch.allclose(state.params["b"].detach(), torch.full((20,), 0.02))
-    assert "epsilon" not in metrics and state.ledger.rounds == 0
+    assert not any(k.startswith("epsilon") for k in metrics) and state.ledger.rounds == 0
 
 
 @pytest.mark.parametrize(
@@ -76,9 +77,10 @@ def test_bad_updates_are_rejected_with_a_reason_and_not_summed(bad, reason, capl
         got = agg.add(bad)
     assert got is not None and reason in got
     assert any(reason in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
-    metrics = state.finish_round(agg)
-    assert metrics["rejected"] == 1 and metrics["accepted"] == 1
-    assert sum(metrics["rejected_reasons"].values()) == 1
+    state.finish_round(agg)
+    diag = agg.diagnostics()
+    assert diag["diag_rejected"] == 1 and diag["diag_accepted"] == 1
+    assert sum(diag["diag_rejected_reasons"].values()) == 1
     assert torch.allclose(state.params["w"].detach(), torch.full((30, 20), 0.001))
 
 
@@ -113,7 +115,7 @@ def test_noise_on_the_average_and_ledger_at_scheduled_rate():
     assert step.std().item() == pytest.approx(math.sqrt(2) * 2.0 * 0.5 / 10, rel=0.01)
     assert metrics["noise_std_average"] == pytest.approx(0.1, rel=1e-5)
     assert state.ledger.rounds == 2 and state.ledger.segments[0].sample_rate == 0.1
-    assert metrics["replies"] == 0 and math.isfinite(metrics["epsilon"])
+    assert agg.accepted == 0 and math.isfinite(metrics["epsilon_rdp"])
     assert shapes  # (documenting the model shape)
 
 
@@ -162,6 +164,13 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         load_checkpoint(path)
+    # the checksum travels in the same file, renamed into place in one step: a process killed
+    # between writing data and checksum can no longer leave a mismatched pair behind
+    save_checkpoint(path, {"server": state.state_dict()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    path.write_bytes(data[data.index(b"\n") + 1 :])  # bare torch data, no header
+    with pytest.raises(ValueError, match="no checksum header"):
+        load_checkpoint(path)
 
 
 def test_secure_mode_never_writes_the_noise_state():
@@ -207,3 +216,34 @@ def test_add_stacked_refuses_malformed_stacks():
         agg.add_stacked({n: torch.zeros(2, *s, dtype=torch.float64) for n, s in SHAPES.items()})
     with pytest.raises(ValueError, match="missing"):
         agg.add_stacked({"w": torch.zeros(2, 30, 20)})
+
+
+def test_min_replies_is_decided_on_a_noisy_count_charged_with_the_sum():
+    """At exactly min-replies accepted, the exact count would always pass; the noisy count
+    (std z_c) passes about half the time, and every attempt is charged once at z_eff."""
+    from dpfl.privacy.mechanisms import effective_noise_multiplier
+
+    s = spec(noise_multiplier=1.0, count_noise_multiplier=4.0, noise_seed=None)
+    state = ServerState(zeros(), s, total_rounds=1)
+    agg = state.begin_round()
+    for _ in range(5):
+        agg.add(delta(0.01))
+    decisions = [state.decide(agg, min_replies=5) for _ in range(4000)]
+    counts = [d.noisy_count for d in decisions]
+    assert sum(d.apply for d in decisions) / 4000 == pytest.approx(0.5, abs=0.04)
+    assert float(torch.tensor(counts).std()) == pytest.approx(4.0, rel=0.05)
+    assert all(d.apply == (d.noisy_count >= 5) for d in decisions)
+    assert state.decide(agg, min_replies=0).noisy_count is None  # nothing decided, no count
+    metrics = state.discard_round(agg, advance=False, decision=decisions[0])
+    assert metrics["noisy_accepted"] == decisions[0].noisy_count
+    z_eff = effective_noise_multiplier(1.0, 4.0)
+    assert s.charged_noise_multiplier == pytest.approx(z_eff)
+    assert state.ledger.segments == (type(state.ledger.segments[0])(z_eff, 0.1, 1),)
+
+
+def test_without_dp_the_decision_uses_the_exact_count():
+    state = ServerState(zeros(), spec(clip=None), total_rounds=1)
+    agg = state.begin_round()
+    agg.add(delta(0.01))
+    assert not state.decide(agg, 2).apply and state.decide(agg, 1).apply
+    assert state.decide(agg, 1).noisy_count is None

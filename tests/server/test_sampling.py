@@ -1,17 +1,20 @@
 import numpy as np
 import pytest
 
-from dpfl.server.sampling import sample_cohort
+from dpfl.server.sampling import CohortSampler, draw_cohort
 
 
-def test_poisson_cohorts_are_reproducible_and_have_rate_q():
-    a = sample_cohort(1000, 0.05, seed=1, round_number=3)
-    assert np.array_equal(a, sample_cohort(1000, 0.05, seed=1, round_number=3))
-    assert not np.array_equal(a, sample_cohort(1000, 0.05, seed=1, round_number=4))
+def test_poisson_cohorts_are_reproducible_from_a_sampling_seed_and_have_rate_q():
+    s = CohortSampler.from_seed(1)
+    a = s.cohort(1000, 0.05, round_number=3)
+    assert np.array_equal(a, CohortSampler.from_seed(1).cohort(1000, 0.05, round_number=3))
+    assert not np.array_equal(a, s.cohort(1000, 0.05, round_number=4))
+    assert not np.array_equal(a, s.cohort(1000, 0.05, round_number=3, attempt=1))
+    assert not s.secure and "INSECURE" in s.label
     counts = np.zeros(1000)
     sizes = []
     for r in range(2000):
-        c = sample_cohort(1000, 0.05, seed=1, round_number=r)
+        c = s.cohort(1000, 0.05, round_number=r)
         assert len(np.unique(c)) == len(c) and np.all(np.diff(c) > 0)
         counts[c] += 1
         sizes.append(len(c))
@@ -22,13 +25,26 @@ def test_poisson_cohorts_are_reproducible_and_have_rate_q():
     assert counts.max() < 100 + 5 * np.sqrt(2000 * 0.05 * 0.95)
 
 
+def test_secret_samplers_cannot_be_recomputed():
+    a, b = CohortSampler.secret(), CohortSampler.secret()
+    assert a.secure and "INSECURE" not in a.label
+    draws_a = [tuple(a.cohort(1000, 0.05, r)) for r in range(20)]
+    draws_b = [tuple(b.cohort(1000, 0.05, r)) for r in range(20)]
+    assert draws_a != draws_b
+    # and no sampling seed reproduces a secret sampler's cohorts
+    assert draws_a != [tuple(CohortSampler.from_seed(0).cohort(1000, 0.05, r)) for r in range(20)]
+
+
 def test_fixed_size_and_large_population():
-    assert len(sample_cohort(1000, 0.05, 0, 1, "fixed")) == 50
-    big = sample_cohort(1_000_000, 50 / 1_000_000, seed=0, round_number=1)
+    s = CohortSampler.from_seed(0)
+    assert len(s.cohort(1000, 0.05, 1, sampling="fixed")) == 50
+    big = s.cohort(1_000_000, 50 / 1_000_000, round_number=1)
     assert 20 < len(big) < 90 and big.max() < 1_000_000
 
 
 @pytest.mark.parametrize("args", [(0, 0.1), (10, 0.0), (10, 1.5)])
 def test_bad_sampling_input(args):
     with pytest.raises(ValueError):
-        sample_cohort(*args, seed=0, round_number=1)
+        draw_cohort(*args, rng=CohortSampler.from_seed(0)._streams.generator(0))
+    with pytest.raises(ValueError, match="attempt"):
+        CohortSampler.from_seed(0).cohort(10, 0.5, 1, attempt=-1)

@@ -42,7 +42,7 @@ def test_configure_and_aggregate_train():
         )
     )
     assert [m.metadata.dst_node_id for m in msgs] == [100, 101, 103, 104]
-    assert strategy._extra["unreachable"] == 1
+    assert strategy._extra["diag_unreachable"] == 1
     assert msgs[0].content["config"]["server-round"] == 4
     stranger = Message(content=RecordDict(), dst_node_id=999, message_type=MessageType.TRAIN)
     replies = [
@@ -55,7 +55,7 @@ def test_configure_and_aggregate_train():
     bad = reply_from(104, msgs[3], {"w": torch.zeros(4)})  # wrong shape
     strategy.aggregate_train(4, replies + [bad])
     agg = strategy._agg
-    assert agg.accepted == 2 and strategy._extra["failed"] == 1
+    assert agg.accepted == 2 and strategy._extra["diag_failed"] == 1
     assert agg.num_rejected == 3
     assert set(agg.rejected) == {
         "reply from an unknown node",
@@ -63,3 +63,92 @@ def test_configure_and_aggregate_train():
         "w has shape (4,), expected (3,)",
     }
     assert torch.allclose(agg.total["w"], torch.full((3,), 0.3))
+
+
+class QueryGrid:
+    """Answers the user query with each node's claim (no Flower runtime)."""
+
+    def __init__(self, claims):
+        self.claims = claims
+
+    def get_node_ids(self):
+        return list(self.claims)
+
+    def send_and_receive(self, messages, timeout):
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            TaskIdentity.node_id = node
+            info = ConfigRecord({"partition-id": self.claims[node]})
+            out.append(Message(content=RecordDict({"info": info}), reply_to=msg))
+        return out
+
+
+def test_discovery_refuses_out_of_range_claims_and_drops_duplicates(caplog):
+    from dpfl.server.strategy import discover_users
+
+    grid = QueryGrid({10: 0, 11: 1, 12: 1, 13: 7, 14: -1, 15: 2})
+    with caplog.at_level("WARNING", logger="dpfl.server.strategy"):
+        users = discover_users(grid, expected=6, timeout=5, population=5)
+    assert users == {0: 10, 2: 15}  # 11 and 12 both claim user 1: neither is trusted
+    text = caplog.text
+    assert "[11, 12] all claim user 1" in text and "outside 0..4" in text
+
+
+def test_a_node_registry_binds_users_to_authenticated_nodes(tmp_path, caplog):
+    from dpfl.server.strategy import discover_users, load_node_registry
+
+    path = tmp_path / "nodes.toml"
+    path.write_text('[nodes]\n"10" = 0\n"11" = 1\n"12" = 2\n')
+    registry = load_node_registry(path, population=3)
+    assert registry == {10: 0, 11: 1, 12: 2}
+    # 13 is not registered; 12 claims a user the registry does not give it
+    grid = QueryGrid({10: 0, 11: 1, 12: 0, 13: 2})
+    with caplog.at_level("WARNING", logger="dpfl.server.strategy"):
+        users = discover_users(grid, expected=4, timeout=5, population=3, registry=registry)
+    assert users == {0: 10, 1: 11}
+    assert "node 13 is not in the node registry" in caplog.text
+    assert "node 12 claims user 0, but the node registry binds it to user 2" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('[nodes]\n"10" = 5\n', r"integer in \[0, 2\]"),
+        ('[nodes]\n"10" = 0\n"11" = 0\n', "bound to two nodes"),
+        ("[nodes]\nabc = 0\n", "not a node id"),
+        ("[users]\n", r"needs a \[nodes\] table"),
+        ("nodes = [", "not valid TOML"),
+    ],
+)
+def test_bad_node_registries_are_refused(tmp_path, text, match):
+    from dpfl.server.strategy import load_node_registry
+
+    path = tmp_path / "nodes.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_node_registry(path, population=3)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_node_registry(tmp_path / "missing.toml", population=3)
+
+
+def test_train_messages_carry_no_noise_or_sampling_seed():
+    cfg = RunConfig.from_mapping(
+        {"population": 2, "cohort-size": 2.0, "noise-seed": 5, "sampling-seed": 6}
+    )
+    strategy = DPFedAvg(cfg, user_nodes={0: 100, 1: 101})
+    sent = []
+
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            sent.extend(messages)
+            return []
+
+    state = ServerState({"w": torch.zeros(3)}, ServerSpec(1.0, 2, ClipConfig(1.0)), 1)
+    TaskIdentity.node_id = 0
+    strategy.collector(Grid())(1, np.array([0, 1]), {"w": torch.zeros(3)}, state.begin_round())
+    assert len(sent) == 2
+    for msg in sent:
+        config = dict(msg.content["config"])
+        assert "noise-seed" not in config and "sampling-seed" not in config
+        assert "node-registry" not in config and config["seed"] == 0

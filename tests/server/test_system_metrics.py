@@ -49,17 +49,18 @@ def test_device_reports_are_recorded_per_round_and_do_not_touch_the_sum():
     }  # fmt: skip
     strategy = round_with(sys_metrics)
     extra = strategy._extra
-    assert extra["sys_steps_per_second_min"] == 1.0
-    assert extra["sys_steps_per_second_mean"] == 2.5
-    assert extra["sys_peak_memory_mb_max"] == 900.0
-    assert extra["sys_clients_cuda"] == 1
+    assert extra["diag_sys_steps_per_second_min"] == 1.0
+    assert extra["diag_sys_steps_per_second_mean"] == 2.5
+    assert extra["diag_sys_peak_memory_mb_max"] == 900.0
+    assert extra["diag_sys_clients_cuda"] == 1
     assert strategy._agg.accepted == 3
     assert torch.allclose(strategy._agg.total["w"], torch.full((3,), 0.3))
     quiet = round_with({100: {"num-examples": 5}, 101: None, 102: None})
-    assert not any(k.startswith("sys_") for k in quiet._extra)
+    assert not any(k.startswith("diag_sys_") for k in quiet._extra)
     assert torch.equal(quiet._agg.total["w"], strategy._agg.total["w"])
 
 
 def test_summaries_of_empty_or_partial_reports():
     assert summarize_system({"sys-steps-per-second": [], "sys-peak-memory-mb": []}) == {}
-    assert summarize_system({"sys-peak-memory-mb": [5.0, 7.0]}) == {"sys_peak_memory_mb_max": 7.0}
+    summary = summarize_system({"sys-peak-memory-mb": [5.0, 7.0]})
+    assert summary == {"diag_sys_peak_memory_mb_max": 7.0}

@@ -86,18 +86,20 @@ def assert_same_model(a: Path, b: Path) -> None:
     ids=["vectorised-flat", "sequential-dim-faults"],
 )
 def test_two_ranks_give_the_model_of_one_process(tmp_path, extra):
-    one = run(tmp_path / "one", 1, **extra, **{"noise-seed": 7})
-    two = run(tmp_path / "two", 2, **extra, **{"noise-seed": 7})
+    seeds = {"noise-seed": 7, "sampling-seed": 3, "diagnostics": "true"}
+    one = run(tmp_path / "one", 1, **extra, **seeds)
+    two = run(tmp_path / "two", 2, **extra, **seeds)
     assert (one["ranks"], two["ranks"]) == (1, 2)
     assert_same_model(tmp_path / "one", tmp_path / "two")
-    keys = ("accepted", "rejected", "dropped", "timed_out", "failed", "cohort", "epsilon")
+    keys = ("diag_accepted", "diag_rejected", "diag_dropped", "diag_timed_out", "diag_failed",
+            "diag_cohort", "epsilon_rdp")  # fmt: skip
     for m1, m2 in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         assert {k: m1.get(k) for k in keys} == {k: m2.get(k) for k in keys}
         if "diag_update_norm_mean" in m1:
             assert m2["diag_update_norm_mean"] == pytest.approx(m1["diag_update_norm_mean"])
     if "sim-dropout-rate" in extra:
-        assert sum(m.get("dropped", 0) for m in metrics(tmp_path / "two")) > 0
-        assert sum(m.get("timed_out", 0) for m in metrics(tmp_path / "two")) > 0
+        assert sum(m.get("diag_dropped", 0) for m in metrics(tmp_path / "two")) > 0
+        assert sum(m.get("diag_timed_out", 0) for m in metrics(tmp_path / "two")) > 0
     assert two["final"]["accuracy"] == pytest.approx(one["final"]["accuracy"], abs=1e-3)
     assert two["privacy"]["epsilon"] == one["privacy"]["epsilon"]
 
@@ -130,3 +132,49 @@ def test_ranks_with_different_models_are_detected_and_noise_comes_from_rank_zero
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):
         assert "ranks ended with different models" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+RESUME = """
+import json, sys
+import torch.distributed as dist
+from dpfl.config import RunConfig
+from dpfl.simulations.engine import simulate
+from dpfl import runs
+
+dist.init_process_group("gloo")  # one group for both runs of this process
+values = json.loads(sys.argv[1])
+cfg = RunConfig.from_mapping(values)
+simulate(cfg, progress=False, stop_after_round=3)  # checkpoint at 2: round 3 is replayed
+ledgers = []
+real = runs.FederatedRun._resume
+def keep(self):
+    real(self)
+    ledgers.append(self.state.ledger.to_dict())
+runs.FederatedRun._resume = keep
+summary = simulate(cfg, progress=False, resume=True)
+with open(f"{cfg.run_dir}/ledger{dist.get_rank()}.json", "w") as fh:
+    json.dump(ledgers[0], fh)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_secure_torchrun_resume_shares_rank_zeros_ledger_and_cohorts(tmp_path):
+    """Rank 0 alone truncates the metrics and counts the replayed rounds; every rank takes its
+    ledger (they used to read the file while rank 0 rewrote it, and could disagree and hang).
+    Cohorts come from rank 0's secret key: every sampled client is trained by some rank."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME)
+    values = {**SMALL, "rounds": 4, "checkpoint-every": 2, "diagnostics": True,
+              "run-dir": str(tmp_path / "run")}  # fmt: skip
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(script)]
+    res = subprocess.run([*cmd, json.dumps(values)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ledgers = [json.loads((tmp_path / "run" / f"ledger{r}.json").read_text()) for r in (0, 1)]
+    assert ledgers[0] == ledgers[1]
+    assert sum(s["steps"] for s in ledgers[0]["segments"]) == 3  # 2 kept + 1 replayed
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["privacy"]["rounds_charged"] == 5 and summary["rounds_run"] == 4
+    rows = [r for r in metrics(tmp_path / "run") if r.get("round", 0) > 0]
+    assert rows and all(r["diag_accepted"] == r["diag_cohort"] for r in rows)

@@ -28,7 +28,11 @@ def metrics(c: RunConfig):
 
 
 def test_a_private_run_learns_and_reports_its_budget(tmp_path):
-    c = cfg(tmp_path, rounds=15, **{"target-epsilon": 8.0, "cohort-size": 60, "server-lr": 0.1})
+    c = cfg(
+        tmp_path,
+        rounds=15,
+        **{"target-epsilon": 8.0, "cohort-size": 60, "server-lr": 0.1, "diagnostics": True},
+    )
     summary = simulate(c, progress=False)
     # ~0.1 (chance) before, ~0.48 after on 2,000 test examples
     assert summary["final"]["accuracy"] > summary["initial"]["accuracy"] + 0.25
@@ -41,10 +45,10 @@ def test_a_private_run_learns_and_reports_its_budget(tmp_path):
     assert p["delta"] < 1 / c.population
     rows = metrics(c)
     assert rows[0]["round"] == 0 and "eval_accuracy" in rows[0]
-    eps = [r["epsilon"] for r in rows[1:]]
+    eps = [r["epsilon_rdp"] for r in rows[1:]]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(p["epsilon"]["rdp"]["epsilon"])
     assert all(r["noise_std_average"] > 0 for r in rows[1:])
-    assert {"diag_train_loss", "diag_fraction_clipped", "replies"} <= set(rows[1])
+    assert {"diag_train_loss", "diag_fraction_clipped", "diag_replies"} <= set(rows[1])
     assert "NOT covered by the DP guarantee" in summary["diagnostics_note"]
     saved = torch.load(f"{c.run_dir}/model.pt", weights_only=True)
     assert set(saved) == {"0.weight", "0.bias", "2.weight", "2.bias"}
@@ -61,6 +65,7 @@ def test_run_stops_before_exceeding_the_budget(tmp_path):
 def test_resume_in_reproducible_mode_matches_an_uninterrupted_run(tmp_path):
     common = {
         "noise-seed": 123,
+        "sampling-seed": 4,
         "checkpoint-every": 2,
         "noise-multiplier": 1.0,
         "target-epsilon": 0.0,
@@ -77,6 +82,7 @@ def test_resume_in_reproducible_mode_matches_an_uninterrupted_run(tmp_path):
     assert resumed["rounds_run"] == 8
     assert [r["round"] for r in metrics(part)] == list(range(9))
     assert "INSECURE" in resumed["privacy"]["noise_source"]
+    assert "INSECURE" in resumed["privacy"]["cohort_source"]
     first = json.load(open(f"{full.run_dir}/summary.json"))
     assert resumed["privacy"]["epsilon"] == first["privacy"]["epsilon"]
 
@@ -101,21 +107,24 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 def test_diverging_clients_are_dropped_and_counted(tmp_path):
     c = cfg(
-        tmp_path, rounds=2, **{"client-lr": 1e30, "target-epsilon": 0.0, "noise-multiplier": 1.0}
+        tmp_path,
+        rounds=2,
+        **{"client-lr": 1e30, "target-epsilon": 0.0, "noise-multiplier": 1.0, "diagnostics": True},
     )
     simulate(c, progress=False)
     rows = metrics(c)[1:]
-    assert all(r["failed"] == r["cohort"] and r["accepted"] == 0 for r in rows)
+    assert all(r["diag_failed"] == r["diag_cohort"] and r["diag_accepted"] == 0 for r in rows)
     assert all(math.isfinite(r["eval_loss"]) for r in rows)
 
 
 def test_server_side_clipping_and_no_dp_runs(tmp_path):
-    server = cfg(tmp_path / "s", rounds=2, **{"clip-location": "server"})
+    server = cfg(tmp_path / "s", rounds=2, **{"clip-location": "server", "diagnostics": True})
     simulate(server, progress=False)
     assert 0 <= metrics(server)[1]["diag_fraction_clipped"] <= 1
     nodp = cfg(tmp_path / "n", rounds=2, **{"clip-norm": 0.0, "target-epsilon": 0.0})
     summary = simulate(nodp, progress=False)
-    assert summary["privacy"]["dp"] is False and "epsilon" not in metrics(nodp)[1]
+    assert summary["privacy"]["dp"] is False
+    assert not any(k.startswith("epsilon") for k in metrics(nodp)[1])
 
 
 @pytest.mark.parametrize(
@@ -137,12 +146,15 @@ def test_bad_config_names_the_key(values, match):
 
 def test_fixed_size_cohorts_report_no_epsilon(tmp_path):
     c = cfg(
-        tmp_path, rounds=2, sampling="fixed", **{"target-epsilon": 0.0, "noise-multiplier": 1.0}
+        tmp_path,
+        rounds=2,
+        sampling="fixed",
+        **{"target-epsilon": 0.0, "noise-multiplier": 1.0, "diagnostics": True},
     )
     summary = simulate(c, progress=False)
     assert "epsilon" not in summary["privacy"]
     assert "no epsilon is reported" in summary["privacy"]["text"]
-    assert all(r["cohort"] == 30 for r in metrics(c)[1:])
+    assert all(r["diag_cohort"] == 30 for r in metrics(c)[1:])
 
 
 def test_unseeded_runs_draw_different_noise_and_a_seeded_run_is_reproducible(tmp_path):
@@ -153,11 +165,71 @@ def test_unseeded_runs_draw_different_noise_and_a_seeded_run_is_reproducible(tmp
         summary = simulate(c, progress=False)
         return summary, torch.load(tmp_path / name / "run" / "model.pt", weights_only=True)
 
-    s1, a = final_model("a")
-    _, b = final_model("b")
+    s1, a = final_model("a", **{"sampling-seed": 1})
+    _, b = final_model("b", **{"sampling-seed": 1})
     assert any(not torch.equal(a[n], b[n]) for n in a)  # same data and cohorts, fresh noise
     assert "secure" in s1["privacy"]["noise_source"]
-    s3, c = final_model("c", **{"noise-seed": 5})
-    _, d = final_model("d", **{"noise-seed": 5})
+    s3, c = final_model("c", **{"noise-seed": 5, "sampling-seed": 1})
+    _, d = final_model("d", **{"noise-seed": 5, "sampling-seed": 1})
     assert all(torch.equal(c[n], d[n]) for n in c)
     assert "INSECURE" in s3["privacy"]["noise_source"] and "INSECURE" in s3["privacy"]["text"]
+    # the same seed and noise-seed, but secret cohorts: the runs differ
+    _, e = final_model("e", **{"noise-seed": 5})
+    _, f = final_model("f", **{"noise-seed": 5})
+    assert any(not torch.equal(e[n], f[n]) for n in e)
+
+
+PUBLIC = {
+    "round", "epsilon_rdp", "noise_std_sum", "noise_std_average", "server_lr", "update_norm",
+    "seconds", "attempts", "discarded", "retry", "noisy_accepted",
+}  # fmt: skip
+
+
+def test_by_default_no_exact_count_is_released_and_the_report_still_works(tmp_path):
+    from dpfl.report import report
+
+    c = cfg(
+        tmp_path,
+        rounds=3,
+        **{"sim-dropout-rate": 0.2, "sim-failure-rate": 0.1, "min-replies": 5},
+    )
+    assert RunConfig().diagnostics is False  # the default in every way of running
+    summary = simulate(c, progress=False)
+    rows = metrics(c)
+    for r in rows:
+        extra = {k for k in r if not k.startswith("eval_") and k != "time"} - PUBLIC
+        assert not extra, extra  # no accepted, replies, failed, dropped, cohort, ...
+    assert all("noisy_accepted" in r for r in rows[1:])  # what the decision was made on
+    lines, paths = report(c.run_dir)
+    assert {p.name for p in paths} == {"metric.png", "epsilon.png"}
+    assert any(line.startswith("count:") for line in lines)
+    p = summary["privacy"]
+    assert p["count_noise_multiplier"] == pytest.approx(10 * p["noise_multiplier"])
+
+
+def test_a_pld_run_names_its_epsilon_and_stays_within_its_target(tmp_path):
+    c = cfg(tmp_path, rounds=30, **{"noise-multiplier": 1.0, "target-epsilon": 3.0,
+                                     "accountant": "pld"})  # fmt: skip
+    summary = simulate(c, progress=False)
+    rows = metrics(c)[1:]
+    assert summary["stopped_for_budget"]
+    assert rows[-1]["epsilon_pld"] <= 3.0  # the budget's own accountant, every round
+    assert all(r["epsilon_pld"] <= r["epsilon_rdp"] for r in rows)
+    assert summary["privacy"]["epsilon"]["pld"]["epsilon"] == pytest.approx(rows[-1]["epsilon_pld"])
+    assert "epsilon" not in rows[-1]  # never an unnamed figure
+
+
+def test_the_reports_extrapolation_counts_every_charged_attempt(tmp_path):
+    from dpfl.report import statement_lines
+
+    c = cfg(
+        tmp_path,
+        rounds=2,
+        **{"noise-multiplier": 1.0, "target-epsilon": 0.0, "sim-dropout-rate": 1.0,
+           "min-replies": 6, "count-noise-multiplier": 1.0, "on-too-few": "retry",
+           "max-retries": 1},
+    )  # fmt: skip
+    summary = simulate(c, progress=False)
+    assert summary["privacy"]["rounds_charged"] == 4 and summary["rounds_run"] == 2
+    lines = statement_lines({}, summary)
+    assert any("T = 4 charged" in line for line in lines)

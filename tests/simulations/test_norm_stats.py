@@ -1,8 +1,11 @@
 """Running statistics of normalisation layers in federated runs: kept per user or aggregated."""
 
+import json
+
 import torch
 
 from dpfl.config import RunConfig
+from dpfl.report import statement_lines
 from dpfl.runs import FederatedRun, load_checkpoint
 from dpfl.simulations.engine import simulate
 
@@ -21,13 +24,21 @@ def test_client_kept_statistics_cost_nothing_for_users_never_sampled(tmp_path):
     assert summary["rounds_run"] == 3
     saved = torch.load(tmp_path / "client" / "model.pt", weights_only=True)
     assert not any("running" in n for n in saved)  # the server never held them
-    ckpt = load_checkpoint(tmp_path / "client" / "checkpoint.pt")
-    store = ckpt["clients"]
+    # the simulated clients' own state lives apart from the server's checkpoint, which holds
+    # no per-user entry (nothing in it tells who trained)
+    assert set(load_checkpoint(tmp_path / "client" / "checkpoint.pt")) == {"config", "server"}
+    store = load_checkpoint(tmp_path / "client" / "clients" / "state.pt")
     assert 0 < len(store) < cfg.population  # only users that were sampled
     for stats in store.values():
         assert set(stats) == {"1.layer.running_mean", "1.layer.running_var"}
     means = torch.stack([s["1.layer.running_mean"] for s in store.values()])
     assert (means.std(0) > 0).any()  # each user's own statistics
+    # evaluated with the users' own statistics: labelled non-private
+    rows = [json.loads(x) for x in (tmp_path / "client" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("eval_non_private") == 1 for r in rows[1:] if "eval_accuracy" in r)
+    assert "non-private" in summary["evaluation_note"]
+    lines = statement_lines({}, summary)
+    assert any(line.startswith("evaluation: NON-PRIVATE") for line in lines)
 
 
 def test_server_aggregated_statistics_are_averaged_not_optimised(tmp_path):

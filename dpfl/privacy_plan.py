@@ -1,0 +1,190 @@
+"""A run's privacy plan and statement: the noise it adds (calibrated or given), and the
+(epsilon, delta) it reports with every assumption that figure rests on.
+
+Shared by the simulator and the Flower ServerApp through :class:`dpfl.runs.FederatedRun`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from dpfl.config import RunConfig
+from dpfl.privacy.accounting import (
+    ACCOUNTANTS,
+    ADJACENCY,
+    SAMPLING,
+    calibrate_noise_multiplier,
+    epsilon_for_segments,
+)
+from dpfl.privacy.mechanisms import effective_noise_multiplier, sum_noise_multiplier
+from dpfl.server.round import ServerSpec
+
+COUNT_NOISE_RATIO = 10.0
+"""Automatic z_c = 10 z: the count's noise then costs z_eff = z / sqrt(1.01), 0.5 % of z."""
+
+THREAT_MODEL = (
+    "central DP: the server (the simulator's process, the Flower ServerApp and SuperLink, every "
+    "torchrun rank) is trusted with every clipped update and with the noise and cohort keys; "
+    "the guarantee covers what it releases: the model, the noisy aggregates, epsilon and the "
+    "public metrics. Not covered: diag_* metrics (exact counts, per-client statistics), the "
+    "wall-clock time of rounds, and the simulated clients' own state (clients/)."
+)
+ASSUMPTIONS = (
+    "one user = one node or data partition (several devices of one person count as several users)",
+    "epsilon is per run: runs on the same users (tuning, repeats) compose",
+    "init-model and seed models are trained on public data",
+    "a central test set is not users' data",
+)
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    noise_multiplier: float
+    """z: noise std on the sum, in units of C."""
+    calibrated: bool
+    """True when the noise was calibrated for ``target_epsilon`` over the planned rounds."""
+    count_noise_multiplier: float = 0.0
+    """z_c: noise std (users) on the count min-replies decides on; 0 when none is released."""
+
+    @property
+    def effective(self) -> float:
+        """z_eff: what each attempt is charged at."""
+        return effective_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier)
+
+
+def resolve_noise(cfg: RunConfig) -> NoisePlan:
+    """The noise from the config: z as given, or (noise-multiplier = 0 with a target-epsilon)
+    calibrated so the planned rounds spend exactly the target. With min-replies, the count is
+    noised too (z_c = count-noise-multiplier, or 10 z) and the calibration is of z_eff, the
+    multiplier every attempt is charged at. Either way a run with a target stops before an
+    attempt that would exceed it."""
+    if not cfg.dp_enabled:
+        return NoisePlan(0.0, False)
+    counted = cfg.min_replies > 0
+    if cfg.target_epsilon > 0 and cfg.noise_multiplier == 0:
+        z_eff = calibrate_noise_multiplier(
+            cfg.target_epsilon, cfg.resolved_delta, cfg.sample_rate, cfg.rounds, cfg.accountant
+        )
+        if not counted:
+            return NoisePlan(z_eff, True)
+        if cfg.count_noise_multiplier > 0:
+            z_c = cfg.count_noise_multiplier
+            try:
+                z = sum_noise_multiplier(z_eff, z_c)
+            except ValueError as err:
+                raise ValueError(f"config key count-noise-multiplier: {err}") from None
+        else:
+            z = z_eff * math.sqrt(1 + COUNT_NOISE_RATIO**-2)
+            z_c = COUNT_NOISE_RATIO * z
+        # a hair more noise, so rounding can never put z_eff below the calibrated value
+        return NoisePlan(z * (1 + 1e-12), True, z_c * (1 + 1e-12))
+    z = cfg.noise_multiplier
+    if not counted:
+        return NoisePlan(z, False)
+    return NoisePlan(z, False, cfg.count_noise_multiplier or COUNT_NOISE_RATIO * z)
+
+
+def server_spec(cfg: RunConfig, noise: NoisePlan) -> ServerSpec:
+    return ServerSpec(
+        sample_rate=cfg.sample_rate,
+        population=cfg.population,
+        clip=cfg.clip_config(),
+        clip_location=cfg.clip_location,
+        noise_multiplier=noise.noise_multiplier,
+        delta=cfg.resolved_delta,
+        accountant=cfg.accountant,
+        sampling=cfg.sampling,
+        optimizer=cfg.server_optimizer,
+        lr=cfg.server_lr,
+        options=cfg.server_options(),
+        schedule=cfg.server_schedule,
+        schedule_options=cfg.schedule_options(),
+        noise_seed=None if cfg.noise_seed < 0 else cfg.noise_seed,
+        count_noise_multiplier=noise.count_noise_multiplier,
+    )
+
+
+def privacy_statement(
+    cfg: RunConfig,
+    spec: ServerSpec,
+    ledger_segments,
+    noise_label: str,
+    rounds_run: int,
+    sampling_label: str = "",
+) -> dict[str, Any]:
+    """The (epsilon, delta) of the attempts actually charged, with every assumption it rests
+    on: adjacency, sampling (and whether its randomness is secret), delta, who is trusted."""
+    statement: dict[str, Any] = {
+        "dp": spec.dp,
+        "rounds_run": rounds_run,
+        "rounds_planned": cfg.rounds,
+        "noise_source": noise_label,
+        "cohort_source": sampling_label,
+    }
+    if not spec.dp:
+        statement["text"] = "DP is off (clip-norm = 0): no privacy guarantee."
+        return statement
+    statement.update(
+        {
+            "threat_model": THREAT_MODEL,
+            "assumptions": list(ASSUMPTIONS),
+            "adjacency": ADJACENCY,
+            "sampling": SAMPLING if spec.sampling == "poisson" else "fixed-size cohorts",
+            "sample_rate": spec.sample_rate,
+            "expected_cohort": spec.expected_cohort,
+            "population": spec.population,
+            "noise_multiplier": spec.noise_multiplier,
+            "count_noise_multiplier": spec.count_noise_multiplier,
+            "charged_noise_multiplier": spec.charged_noise_multiplier,
+            "sigma_dp": spec.noise_multiplier / spec.expected_cohort,
+            "clip_norm": spec.clip.clip_norm,
+            "clip_scheme": spec.clip.scheme,
+            "clip_mode": spec.clip.mode,
+            "clip_location": spec.clip_location,
+            "delta": spec.delta,
+        }
+    )
+    if not spec.accounted:
+        statement["text"] = (
+            "fixed-size cohorts: no accountant here covers this sampling, so no epsilon is reported"
+        )
+        return statement
+    results = {}
+    for name in ACCOUNTANTS:
+        r = epsilon_for_segments(ledger_segments, spec.delta, name, fallback=True)
+        results[name] = {"epsilon": r.epsilon, "accountant": r.accountant, "note": r.note}
+    statement["epsilon"] = results
+    main = results[cfg.accountant]
+    eps = main["epsilon"]
+    charged = sum(seg.steps for seg in ledger_segments)
+    statement["rounds_charged"] = charged
+    extra = charged - rounds_run
+    why = (
+        f" ({rounds_run} run + {extra} charged again: replayed after a crash, or discarded "
+        "for too few replies)"
+        if extra
+        else ""
+    )
+    count = (
+        f", count noise z_c={spec.count_noise_multiplier:.4g} (charged at "
+        f"z_eff={spec.charged_noise_multiplier:.4g})"
+        if spec.count_noise_multiplier > 0
+        else ""
+    )
+    insecure = "INSECURE" in noise_label or "INSECURE" in sampling_label
+    statement["text"] = (
+        f"(epsilon, delta) = ({eps:.4g}, {spec.delta:g}) under {main['accountant']}, "
+        f"Poisson sampling, q={spec.sample_rate:.4g}, T={charged}{why}; user-level DP "
+        f"({ADJACENCY}), clip {spec.clip.scheme} C={spec.clip.clip_norm:g} on the "
+        f"{spec.clip_location}, z={spec.noise_multiplier:.4g}{count}; noise: {noise_label}"
+        + (f"; cohorts: {sampling_label}" if sampling_label else "")
+        + (
+            " -- INSECURE: the noise or the cohorts can be recomputed from the config, so "
+            "this epsilon does not hold against anyone who has it"
+            if insecure
+            else ""
+        )
+    )
+    return statement
