@@ -98,8 +98,13 @@ def statement_lines(
     if rounds > 0 and sigma > 0:
         settings = scaled_settings(p["expected_cohort"], p["population"], scales)
         rows = extrapolate(sigma, settings, rounds, p["delta"])
+        same = (
+            "same sigma_DP of z_eff (z and z_c scaled with the cohort)"
+            if p.get("count_noise_multiplier")
+            else "same sigma_DP"
+        )
         lines.append(
-            f"epsilon (extrapolated, not actual; rdp; same sigma_DP, T = {rounds} charged, "
+            f"epsilon (extrapolated, not actual; rdp; {same}, T = {rounds} charged, "
             "delta; cohort and population scaled):"
         )
         for k, row in zip(scales, rows, strict=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from dpfl.privacy_plan import (  # noqa: F401  (NoisePlan is part of this module
 )
 from dpfl.profiling import round_done, section
 from dpfl.server.round import (
+    EventLog,
     RoundAggregator,
     ServerState,
     load_checkpoint,
@@ -210,8 +212,10 @@ class RunWriter:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not resume and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        if not resume:
+            for path in (self.metrics_path, self.charges_path):
+                if path.exists():
+                    path.unlink()
 
     def write_config(self, cfg: RunConfig, extra: dict[str, Any]) -> None:
         if not self.enabled:
@@ -221,14 +225,62 @@ class RunWriter:
 
     def truncate_after(self, round_number: int) -> int:
         """On resume: drop metric lines of rounds after the checkpoint (they will be re-run);
-        returns how many rounds were dropped."""
+        returns how many were dropped (a torn last line, from a crash mid-write, counts)."""
         if not self.metrics_path.exists():
             return 0
         lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if json.loads(line).get("round", 0) <= round_number]
+
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line).get("round", 0) <= round_number
+            except json.JSONDecodeError:
+                return False
+
+        keep = [line for line in lines if kept(line)]
         if self.enabled:
             self.metrics_path.write_text("".join(line + "\n" for line in keep))
         return len(lines) - len(keep)
+
+    @property
+    def charges_path(self) -> Path:
+        return self.dir / "charges.jsonl"
+
+    def record_charge(self, round_number: int, attempt: int, z: float, q: float) -> None:
+        """One charged attempt, written and flushed to disk before anything it produced is
+        released (a metric line, a checkpoint, the model sent to the next cohort), so a crash
+        can never lose a charge."""
+        if not self.enabled:
+            return
+        line = json.dumps(
+            {"round": round_number, "attempt": attempt, "noise_multiplier": z, "sample_rate": q}
+        )
+        with self.charges_path.open("a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_charges(self, default: tuple[float, float]) -> list[tuple[float, float]] | None:
+        """The charged attempts as (z, q), or None when the folder has no journal. A torn last
+        line (a crash mid-write) counts, at ``default``: the charge may have been meant."""
+        if not self.charges_path.exists():
+            return None
+        out = []
+        for line in self.charges_path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out.append((float(row["noise_multiplier"]), float(row["sample_rate"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                out.append(default)
+        return out
+
+    def keep_charges(self, count: int) -> None:
+        """Keep the first ``count`` journal lines (a reproducible replay writes the rest again)."""
+        if not self.enabled or not self.charges_path.exists():
+            return
+        lines = [x for x in self.charges_path.read_text().splitlines() if x.strip()][:count]
+        self.charges_path.write_text("".join(line + "\n" for line in lines))
 
     def append(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -323,6 +375,7 @@ class FederatedRun:
         self.state = ServerState(
             sent, self.spec, cfg.rounds, averaged=frozenset(self.buffers) & set(sent)
         )
+        self.state.events = EventLog(each=cfg.diagnostics)
         if resume:
             self._resume()
         self.progress = progress and primary
@@ -351,18 +404,50 @@ class FederatedRun:
         clients = Path(self.cfg.run_dir) / CLIENT_STATE
         if self.private and clients.exists():
             self.private_store = load_checkpoint(clients)
-        # Rank 0 alone reads and truncates the metrics; every rank takes its ledger.
-        replayed = self.writer.truncate_after(self.state.round) if self.primary else 0
-        if replayed and self.state.noise.secure and self.spec.dp:
-            # Those rounds released noisy aggregates that fresh noise will not reproduce: the
-            # re-run releases new ones, so the lost rounds stay charged (at least once each).
-            self.state.ledger.record(
-                self.spec.charged_noise_multiplier, self.spec.sample_rate, replayed
-            )
-            log.warning("charging %d replayed rounds to the privacy budget", replayed)
+        # Rank 0 alone reads the journal and truncates the metrics; every rank takes its ledger.
+        if self.primary:
+            self._charge_replays()
         ledger = self.share(self.state.ledger.to_dict() if self.primary else None)
         self.state.ledger = PrivacyLedger.from_dict(ledger)
         log.info("resumed from round %d", self.state.round)
+
+    def _charge_replays(self) -> None:
+        """Charge what ran after the checkpoint and will run again.
+
+        The journal (``charges.jsonl``) holds every attempt charged before its release; the
+        checkpoint's ledger holds those up to the checkpoint. The attempts in between released
+        aggregates that the re-run will not reproduce, so they stay charged, unless the run is
+        fully reproducible (noise-seed and sampling-seed): then the re-run repeats exactly the
+        same releases (same cohorts, same noise) and reveals nothing new. A run with a noise
+        seed but secret cohorts would repeat the lost rounds' noise on other cohorts, so it is
+        moved to fresh noise streams: two sums under one noise would release their difference
+        without any noise.
+        """
+        spec, state = self.spec, self.state
+        metric_lines = self.writer.truncate_after(state.round)
+        if not spec.dp:
+            return
+        kept = state.ledger.rounds
+        charged = spec.charged_noise_multiplier, spec.sample_rate
+        journal = self.writer.read_charges(default=charged)
+        extra = journal[kept:] if journal is not None else []
+        if len(extra) < metric_lines:  # an older folder, or a journal that lost lines
+            extra += [charged] * (metric_lines - len(extra))
+        if not extra:
+            return
+        if not state.noise.secure and not self.sampler.secure:
+            self.writer.keep_charges(kept)
+            log.info("reproducible run: the %d replayed attempts repeat exactly", len(extra))
+            return
+        for z, q in extra:
+            state.ledger.record(z, q)
+        log.warning("charging %d replayed attempts to the privacy budget", len(extra))
+        if not state.noise.secure:
+            state.noise.skip_to_fresh_streams()
+            log.warning(
+                "noise-seed with secret cohorts: the replayed rounds draw fresh noise (their old "
+                "noise on other cohorts would release the difference of two sums unnoised)"
+            )
 
     def evaluate(self) -> dict[str, float]:
         if not self.primary:
@@ -482,6 +567,7 @@ class FederatedRun:
             decision = self.share(state.decide(agg, cfg.min_replies) if self.primary else None)
             if decision.apply:
                 metrics = state.finish_round(agg, decision)
+                self._journal(round_number, attempt)
                 break
             give_up = cfg.on_too_few == "skip" or attempt >= cfg.max_retries
             log.warning(
@@ -494,6 +580,7 @@ class FederatedRun:
                 "skipped" if give_up else "retrying",
             )
             metrics = state.discard_round(agg, advance=give_up, decision=decision)
+            self._journal(round_number, attempt)
             self._epsilon_metrics(metrics, ahead, last=False)
             if give_up:
                 break
@@ -503,6 +590,13 @@ class FederatedRun:
         self._epsilon_metrics(metrics, ahead, last=round_number == cfg.rounds)
         metrics.update(diagnostics)
         return metrics
+
+    def _journal(self, round_number: int, attempt: int) -> None:
+        if self.spec.dp and self.primary:
+            spec = self.spec
+            self.writer.record_charge(
+                round_number, attempt, spec.charged_noise_multiplier, spec.sample_rate
+            )
 
     def _checkpoint(self) -> None:
         cfg, state = self.cfg, self.state

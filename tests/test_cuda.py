@@ -79,3 +79,16 @@ def test_noise_for_cuda_tensors_is_drawn_in_bulk_and_copied_once(monkeypatch):
     draws = torch.cat([t.reshape(-1) for t in out.values()])
     assert draws.device.type == "cuda"
     assert draws.std().item() == pytest.approx(2.0 * 0.5, rel=0.01)
+
+
+def test_reused_pinned_buffer_never_overwrites_a_copy_in_flight():
+    from dpfl.privacy.mechanisms import GaussianMechanism, NoiseSource
+
+    source = NoiseSource(device="cuda", seed=4)
+    mech = GaussianMechanism(1.0, 1.0, source)
+    a = {"w": torch.zeros(2**24, device="cuda")}
+    b = {"w": torch.zeros(2**24, device="cuda")}
+    first = mech.noisy_mean(a, 1.0, inplace=True)["w"]
+    mech.noisy_mean(b, 1.0, inplace=True)  # draws into the same pinned buffer at once
+    expected = NoiseSource(seed=4).standard_normal(2**24) * (1 + 1e-6)
+    torch.testing.assert_close(first.cpu(), expected, rtol=1e-6, atol=1e-6)

@@ -12,11 +12,20 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from dpfl.client.app import handle_train
@@ -37,8 +46,9 @@ class InProcessGrid:
     """A Flower grid whose nodes answer in process: the user query, and train messages run
     through the ClientApp's handler. Keeps every message it was asked to send."""
 
-    def __init__(self) -> None:
+    def __init__(self, failing: frozenset[int] = frozenset()) -> None:
         self.sent: list[Message] = []
+        self.failing = failing  # users whose node answers a train message with an error
 
     def get_node_ids(self):
         return [NODE + u for u in range(POPULATION)]
@@ -51,6 +61,9 @@ class InProcessGrid:
             TaskIdentity.node_id = node
             if msg.metadata.message_type == MessageType.QUERY:
                 content = RecordDict({"info": ConfigRecord({"partition-id": node - NODE})})
+            elif node - NODE in self.failing:
+                replies.append(Message(Error(code=0, reason="out of memory"), reply_to=msg))
+                continue
             else:
                 delta, metrics, _ = handle_train(
                     dict(msg.content["config"]),
@@ -84,7 +97,7 @@ def flower_run(tmp_path, monkeypatch, **over):
 
     monkeypatch.setattr(CohortSampler, "cohort", recording)
     cfg = RunConfig.from_mapping({**BASE, "run-dir": str(tmp_path / "run"), **over})
-    grid = InProcessGrid()
+    grid = InProcessGrid(failing=frozenset(range(0, POPULATION, 3)))
     from dpfl.server.strategy import discover_users
 
     strategy = DPFedAvg(cfg, discover_users(grid, POPULATION, 5, population=POPULATION))
@@ -149,6 +162,10 @@ def test_a_secure_run_writes_and_sends_neither_keys_nor_cohorts(tmp_path, monkey
         for cohort in drawn:
             for enc in cohort_encodings(cohort):
                 assert enc not in blob, f"cohort {cohort.tolist()} in {where}"
+    # failures were logged (the first only, diagnostics being off) without naming the user
+    failures = [r.getMessage() for r in caplog.records if "failed in round" in r.getMessage()]
+    assert len(failures) == 1 and "a sampled client failed" in failures[0]
+    assert not any(re.search(r"\buser \d+", r.getMessage()) for r in caplog.records)
     # a node learns only that it is asked to train: one message per sampled user, no list
     train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert sorted(m.metadata.dst_node_id - NODE for m in train) == sorted(
@@ -181,7 +198,7 @@ def test_with_a_sampling_seed_the_cohorts_are_rebuilt_from_the_run_folder(tmp_pa
     assert train and all("sampling-seed" not in dict(m.content["config"]) for m in train)
 
 
-def test_the_simulator_writes_no_cohort_either(tmp_path, monkeypatch):
+def test_the_simulator_writes_no_cohort_either(tmp_path, monkeypatch, caplog):
     from dpfl.simulations.engine import simulate
 
     drawn = []
@@ -192,9 +209,13 @@ def test_the_simulator_writes_no_cohort_either(tmp_path, monkeypatch):
         return drawn[-1]
 
     monkeypatch.setattr(CohortSampler, "cohort", recording)
-    over = {"sim-failure-rate": 0.3}  # failures are logged: without naming the user
+    over = {"sim-failure-rate": 0.3, "diagnostics": True}  # every failure logged, unnamed
     cfg = RunConfig.from_mapping({**BASE, **over, "run-dir": str(tmp_path / "sim")})
-    simulate(cfg, progress=False)
+    with caplog.at_level(logging.DEBUG):
+        simulate(cfg, progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("a sampled client failed" in m for m in messages) > 1
+    assert not any(re.search(r"\buser \d+", m) for m in messages)
     blobs = [p.read_bytes() for p in (tmp_path / "sim").rglob("*") if p.is_file()]
     for cohort in drawn:
         for enc in cohort_encodings(cohort):

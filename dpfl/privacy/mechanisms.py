@@ -30,6 +30,7 @@ limitation instead.)
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -185,8 +186,9 @@ class NoiseSource:
         if device.type != "cpu":
             view = view.to(device, non_blocking=True)
             if device.type == "cuda":
+                # on the stream the copy was queued on (the target device's, maybe not current)
                 self._scratch_copy = torch.cuda.Event()
-                self._scratch_copy.record()
+                self._scratch_copy.record(torch.cuda.current_stream(device))
         return view if draw_dtype == dtype else view.to(dtype)
 
     def reserve(self, n: int, dtype: torch.dtype = torch.float32) -> None:
@@ -194,6 +196,27 @@ class NoiseSource:
         so that the first round does not pay for faulting in its memory."""
         pinned = self.device.type == "cuda"
         self._scratch = torch.zeros(int(n), dtype=dtype, pin_memory=pinned)
+
+    def release(self) -> None:
+        """Drop the scratch buffer (a process that never draws, e.g. a torchrun rank > 0)."""
+        self._scratch = None
+
+    def wipe(self) -> None:
+        """Zero the scratch buffer: the last draw's raw noise does not stay in memory."""
+        pending = getattr(self, "_scratch_copy", None)
+        if pending is not None:
+            pending.synchronize()
+            self._scratch_copy = None
+        buf = getattr(self, "_scratch", None)
+        if buf is not None:
+            buf.zero_()
+
+    def skip_to_fresh_streams(self) -> None:
+        """Reproducible sources: jump to streams no earlier draw of this seed can have used
+        (a random offset above 2^40 streams), giving up reproducibility from here on."""
+        if self.secure:
+            return
+        self._streams.next_stream += (1 << 40) + secrets.randbelow(1 << 62)
 
     def gaussian_like(self, t: torch.Tensor, std: float) -> torch.Tensor:
         """Independent N(0, std^2) noise with ``t``'s shape and dtype, on ``t``'s device."""
@@ -261,6 +284,8 @@ class GaussianMechanism:
                     out[i] = t.add_(z, alpha=std).mul_(scale)
                 else:
                     out[i] = z.add_(t, alpha=scale)
+        if inplace:
+            self.noise.wipe()
         return rebuild(summed, out)
 
     def noisy_mean(

@@ -72,7 +72,8 @@ def bit_generator(key: bytes, stream: int = 0, cipher: str = "chacha20"):
     positioned at the start of stream ``stream`` (counter ``stream * 2^64``)."""
     _check_cipher(cipher)
     if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES[cipher]:
-        raise ValueError(f"a {cipher} key is {KEY_BYTES[cipher]} bytes, got {key!r:.40}")
+        size = len(key) if isinstance(key, (bytes, bytearray)) else type(key).__name__
+        raise ValueError(f"a {cipher} key is {KEY_BYTES[cipher]} bytes, got {size}")
     if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)):
         raise TypeError(f"stream must be an integer, got {stream!r}")
     if not 0 <= int(stream) < MAX_STREAM:
@@ -108,6 +109,15 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool() -> None:
+    # a forked child inherits the pool object but not its threads: it makes its own
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _threads() -> int:
     try:
         import torch
@@ -140,10 +150,27 @@ class CipherStreams:
         self.cipher = cipher
         self.secure = secure
         self.next_stream = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # pickling (torch.save, multiprocessing) would write the key: never for a secret one
+        if self.secure:
+            raise TypeError("a secret CipherStreams cannot be pickled: its key never leaves memory")
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @classmethod
     def secret(cls, cipher: str | None = None) -> CipherStreams:
         cipher = _check_cipher(cipher or default_cipher())
+        if cipher == "aes-ctr" and not aes_ni():
+            raise ValueError(
+                "aes-ctr without AES-NI is software AES, which is not constant-time: use chacha20"
+            )
         return cls(secrets.token_bytes(KEY_BYTES[cipher]), cipher, secure=True)
 
     @classmethod
@@ -160,11 +187,12 @@ class CipherStreams:
 
     def take(self, count: int = 1) -> int:
         """Reserve ``count`` fresh streams; returns the first one's index."""
-        first = self.next_stream
-        if first + count > MAX_STREAM:
-            raise RuntimeError("this key's streams are used up: start a fresh source")
-        self.next_stream += count
-        return first
+        with self._lock:
+            first = self.next_stream
+            if first + count > MAX_STREAM:
+                raise RuntimeError("this key's streams are used up: start a fresh source")
+            self.next_stream += count
+            return first
 
     def standard_normal(self, out: np.ndarray) -> np.ndarray:
         """Fill the contiguous float32/float64 array ``out`` with N(0, 1) draws (NumPy's

@@ -96,6 +96,26 @@ class ServerSpec:
         return self.dp and self.sampling == "poisson"
 
 
+class EventLog:
+    """Per-client events (a rejected update, a failed client): each one is logged when
+    diagnostics are on; otherwise only the first of a run, since a log line per event would
+    record exact per-round counts, which are per-user facts not covered by DP."""
+
+    def __init__(self, each: bool = True) -> None:
+        self.each = each
+        self.silenced = False
+
+    def warning(self, logger: logging.Logger, message: str, *args: Any) -> None:
+        if self.each:
+            logger.warning(message, *args)
+        elif not self.silenced:
+            self.silenced = True
+            logger.warning(
+                message + " (further per-client events are not logged: diagnostics = false)",
+                *args,
+            )
+
+
 @dataclass
 class RoundAggregator:
     """Validates and sums the updates of one round; keeps only the running sum in memory."""
@@ -107,6 +127,9 @@ class RoundAggregator:
     rejected: Counter = field(default_factory=Counter)
     clipped: int = 0
     norms: list[float] = field(default_factory=list)
+    decision: Decision | None = None
+    """Set once by :meth:`ServerState.decide`: one noisy count per attempt, never redrawn."""
+    events: EventLog = field(default_factory=EventLog)
 
     def check(self, update: Any) -> str | None:
         """None when ``update`` may enter the sum, else the reason it may not."""
@@ -137,7 +160,7 @@ class RoundAggregator:
 
     def reject(self, reason: str) -> None:
         """Count an update that never reached :meth:`add` (e.g. unreadable), with its reason."""
-        log.warning("update rejected, not aggregated: %s", reason)
+        self.events.warning(log, "update rejected, not aggregated: %s", reason)
         self.rejected[reason.split(":")[0][:80]] += 1
 
     def add(self, update: Any) -> str | None:
@@ -273,6 +296,7 @@ class ServerState:
             spec.schedule, self.optimizer, total_rounds, spec.schedule_options
         )
         self.ledger = PrivacyLedger()
+        self.events = EventLog()
         self.round = 0
         self.noise = NoiseSource(seed=spec.noise_seed)
         if spec.dp and spec.noise_multiplier > 0:
@@ -291,7 +315,7 @@ class ServerState:
         return {n: p.detach().clone() for n, p in self.params.items()}
 
     def begin_round(self) -> RoundAggregator:
-        return RoundAggregator(self.shapes, self.spec)
+        return RoundAggregator(self.shapes, self.spec, events=self.events)
 
     def decide(self, agg: RoundAggregator, min_replies: int) -> Decision:
         """Whether the attempt just collected has enough accepted replies to be applied.
@@ -302,15 +326,24 @@ class ServerState:
         so the decision, and whether the round was applied, skipped or retried, are
         post-processing. Without ``min_replies`` nothing is decided and no count is released.
         """
-        if min_replies <= 0:
-            return Decision(True)
+        if agg.decision is not None:
+            # a second draw would release a second noisy count of the same attempt, uncharged
+            return agg.decision
         spec = self.spec
-        if spec.dp and spec.count_noise_multiplier > 0:
+        if min_replies <= 0:
+            agg.decision = Decision(True)
+        elif spec.dp and spec.count_noise_multiplier > 0:
             with section("noise"):
                 noisy = noisy_count(agg.accepted, spec.count_noise_multiplier, self.noise)
-            return Decision(noisy >= min_replies, noisy)
-        # no DP (nothing to protect), or no noise at all (epsilon is unbounded anyway)
-        return Decision(agg.accepted >= min_replies)
+            agg.decision = Decision(noisy >= min_replies, noisy)
+        elif spec.dp and spec.noise_multiplier > 0:
+            raise ValueError(
+                "min-replies under DP needs a noisy count (count_noise_multiplier > 0): the "
+                "exact count of accepted updates is not private"
+            )
+        else:  # no DP (nothing to protect), or no noise at all (epsilon is unbounded anyway)
+            agg.decision = Decision(agg.accepted >= min_replies)
+        return agg.decision
 
     def _charge(self) -> None:
         spec = self.spec

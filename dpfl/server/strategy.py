@@ -224,12 +224,19 @@ class DPFedAvg(Strategy):
             elif reply.has_error():
                 failed += 1
                 if self.name_users:
-                    log.warning(
-                        "user %d failed in round %d: %s", user, server_round, reply.error.reason
+                    agg.events.warning(
+                        log,
+                        "user %d failed in round %d: %s",
+                        user,
+                        server_round,
+                        reply.error.reason,
                     )
                 else:
-                    log.warning(
-                        "a sampled client failed in round %d: %s", server_round, reply.error.reason
+                    agg.events.warning(
+                        log,
+                        "a sampled client failed in round %d: %s",
+                        server_round,
+                        reply.error.reason,
                     )
             else:
                 by_user.append((user, reply))

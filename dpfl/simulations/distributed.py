@@ -71,8 +71,12 @@ class Group:
 
     def close(self) -> None:
         if self.owned and dist.is_initialized():
-            dist.barrier()  # no rank tears the group down while another still talks in it
             dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        """Wait for every rank (on the success path only: after an error on one rank, the
+        others may be waiting in another collective)."""
+        dist.barrier()
 
     @property
     def primary(self) -> bool:

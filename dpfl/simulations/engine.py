@@ -20,7 +20,7 @@ from dpfl.client.vectorized import train_cohort, why_not
 from dpfl.config import RunConfig
 from dpfl.profiling import section
 from dpfl.runs import FederatedRun, client_seed, local_config
-from dpfl.server.round import RoundAggregator
+from dpfl.server.round import EventLog, RoundAggregator
 from dpfl.simulations import distributed
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ def simulate(
             )
         if run.spec.dp:
             run.state.mechanism = distributed.SharedNoise(run.state.mechanism, group)
+            if not group.primary:
+                run.state.noise.release()  # rank 0 alone draws the noise
     local_cfg = local_config(cfg)
     spec = run.spec
     clip_on_client = spec.clip if spec.dp and spec.clip_location == "client" else None
@@ -163,7 +165,7 @@ def simulate(
         round_number: int, cohort: np.ndarray, weights: Weights, agg: RoundAggregator
     ) -> dict[str, Any]:
         weights = {n: w.to(run.device) for n, w in weights.items()}
-        tally = _Tally(cfg, slowness, run.name_users)
+        tally = _Tally(cfg, slowness, run.name_users, run.state.events)
         users = []
         members = [int(u) for u in cohort]
         if group is not None:  # this rank's share, balanced by data size
@@ -186,6 +188,7 @@ def simulate(
     try:
         summary = run.run(collect, stop_after_round=stop_after_round)
         group.check_same(run.state.weights())
+        group.barrier()  # no rank tears the group down while another still talks in it
     finally:
         group.close()
     return summary
@@ -195,10 +198,14 @@ class _Tally:
     """What a round's clients did, for its metrics: failures, drop-outs, time-outs on the
     simulated clock, and the (non-private) diagnostics when asked for."""
 
-    def __init__(self, cfg: RunConfig, slowness, name_users: bool = False) -> None:
+    def __init__(
+        self, cfg: RunConfig, slowness, name_users: bool = False, events: EventLog | None = None
+    ) -> None:
         """``name_users``: logs may name a failed user (only when the cohorts are not secret:
-        a failure in a round tells that the user was sampled)."""
+        a failure in a round tells that the user was sampled); ``events``: how many failures
+        are logged (each, or with diagnostics off only the first)."""
         self.cfg, self.slowness, self.name_users = cfg, slowness, name_users
+        self.events = events or EventLog()
         self.failed = self.dropped = self.timed_out = self.clipped = 0
         self.finish_times: list[float] = []
         self.losses: list[float] = []
@@ -207,9 +214,9 @@ class _Tally:
     def fail(self, user: int, round_number: int, why) -> None:
         self.failed += 1
         if self.name_users:
-            log.warning("user %d failed in round %d: %s", user, round_number, why)
+            self.events.warning(log, "user %d failed in round %d: %s", user, round_number, why)
         else:
-            log.warning("a sampled client failed in round %d: %s", round_number, why)
+            self.events.warning(log, "a sampled client failed in round %d: %s", round_number, why)
 
     def late(self, user: int, steps: int) -> bool:
         """True when the user's reply misses the round deadline (the server stops waiting)."""

@@ -87,16 +87,20 @@ def test_secure_normals_pass_a_kolmogorov_smirnov_test():
     assert abs(x.mean()) < 5 / 1e3 and abs(x.std() - 1) < 5e-3
 
 
-def test_bulk_draws_do_not_depend_on_the_number_of_threads(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bulk_draws_do_not_depend_on_the_number_of_threads(monkeypatch, threads):
+    from concurrent.futures import ThreadPoolExecutor
+
     import dpfl.privacy.randomness as r
 
     n = 3 * CHUNK + 17
     a = np.empty(n, dtype=np.float32)
     CipherStreams.from_seed(5, "noise").standard_normal(a)
-    monkeypatch.setattr(r, "_pool", None)
-    monkeypatch.setattr(r, "_threads", lambda: 1)
+    pool = ThreadPoolExecutor(max_workers=threads)
+    monkeypatch.setattr(r, "_pool", pool)
     b = np.empty(n, dtype=np.float32)
     CipherStreams.from_seed(5, "noise").standard_normal(b)
+    pool.shutdown()
     assert np.array_equal(a, b)
     # chunk j is stream j: the same as drawing each chunk on its own
     streams = CipherStreams.from_seed(5, "noise")
@@ -136,3 +140,20 @@ def test_the_key_is_never_in_a_repr():
     text = repr(streams) + repr(NoiseSource()) + repr(CohortSampler.secret())
     assert streams._key.hex() not in text and "secret key" in repr(streams)
     assert isinstance(bit_generator(streams._key, 0, streams.cipher), (AESCounter, ChaCha))
+
+
+def test_a_secret_key_cannot_be_pickled_or_printed_in_an_error():
+    import pickle
+
+    for holder in (NoiseSource(), CohortSampler.secret(), CipherStreams.secret()):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(holder)
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            torch.save(holder, __import__("io").BytesIO())
+    seeded = CipherStreams.from_seed(3, "noise")  # a seeded one is reproducible anyway
+    assert pickle.loads(pickle.dumps(seeded)).generator(0).random() == seeded.generator(0).random()
+    key = bytes(range(100, 131))  # 31 bytes: one short for ChaCha20
+    with pytest.raises(ValueError) as err:
+        bit_generator(key, 0, "chacha20")
+    assert "31" in str(err.value) and key.hex()[:8] not in str(err.value)
+    assert repr(key)[:12] not in str(err.value)

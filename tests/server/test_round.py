@@ -225,15 +225,25 @@ def test_min_replies_is_decided_on_a_noisy_count_charged_with_the_sum():
 
     s = spec(noise_multiplier=1.0, count_noise_multiplier=4.0, noise_seed=None)
     state = ServerState(zeros(), s, total_rounds=1)
-    agg = state.begin_round()
-    for _ in range(5):
-        agg.add(delta(0.01))
-    decisions = [state.decide(agg, min_replies=5) for _ in range(4000)]
+
+    def attempt():
+        agg = state.begin_round()
+        for _ in range(5):
+            agg.add(delta(0.01))
+        return agg
+
+    agg = attempt()
+    first = state.decide(agg, min_replies=5)
+    assert state.decide(agg, min_replies=5) is first  # one noisy count per attempt, never two
+    decisions = [state.decide(attempt(), min_replies=5) for _ in range(4000)]
     counts = [d.noisy_count for d in decisions]
     assert sum(d.apply for d in decisions) / 4000 == pytest.approx(0.5, abs=0.04)
     assert float(torch.tensor(counts).std()) == pytest.approx(4.0, rel=0.05)
     assert all(d.apply == (d.noisy_count >= 5) for d in decisions)
-    assert state.decide(agg, min_replies=0).noisy_count is None  # nothing decided, no count
+    assert state.decide(attempt(), min_replies=0).noisy_count is None  # no count released
+    exact = ServerState(zeros(), spec(noise_multiplier=1.0, noise_seed=None), total_rounds=1)
+    with pytest.raises(ValueError, match="needs a noisy count"):
+        exact.decide(exact.begin_round(), min_replies=1)
     metrics = state.discard_round(agg, advance=False, decision=decisions[0])
     assert metrics["noisy_accepted"] == decisions[0].noisy_count
     z_eff = effective_noise_multiplier(1.0, 4.0)
@@ -245,5 +255,7 @@ def test_without_dp_the_decision_uses_the_exact_count():
     state = ServerState(zeros(), spec(clip=None), total_rounds=1)
     agg = state.begin_round()
     agg.add(delta(0.01))
-    assert not state.decide(agg, 2).apply and state.decide(agg, 1).apply
-    assert state.decide(agg, 1).noisy_count is None
+    assert not state.decide(agg, 2).apply
+    other = state.begin_round()
+    other.add(delta(0.01))
+    assert state.decide(other, 1).apply and other.decision.noisy_count is None

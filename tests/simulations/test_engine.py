@@ -233,3 +233,35 @@ def test_the_reports_extrapolation_counts_every_charged_attempt(tmp_path):
     assert summary["privacy"]["rounds_charged"] == 4 and summary["rounds_run"] == 2
     lines = statement_lines({}, summary)
     assert any("T = 4 charged" in line for line in lines)
+
+
+def test_charges_survive_a_lost_metrics_file_and_a_torn_line(tmp_path):
+    """Every attempt is journalled (charges.jsonl, fsynced) before anything it produced is
+    released: a resume charges the replayed rounds even when metrics.jsonl is gone or torn."""
+    common = {"checkpoint-every": 2, "noise-multiplier": 1.0, "target-epsilon": 0.0}
+    c = cfg(tmp_path / "gone", rounds=4, **common)
+    simulate(c, progress=False, stop_after_round=3)  # round 3 ran after the checkpoint at 2
+    (tmp_path / "gone" / "run" / "metrics.jsonl").unlink()
+    resumed = simulate(c, progress=False, resume=True)
+    assert resumed["privacy"]["rounds_charged"] == 5  # 4 run + round 3's first release
+    expected = compute_epsilon(1.0, c.sample_rate, 5, c.resolved_delta).epsilon
+    assert resumed["privacy"]["epsilon"]["rdp"]["epsilon"] == pytest.approx(expected)
+    t = cfg(tmp_path / "torn", rounds=4, **common)
+    simulate(t, progress=False, stop_after_round=3)
+    path = tmp_path / "torn" / "run" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"round": 4, "epsi')  # killed mid-write
+    assert simulate(t, progress=False, resume=True)["privacy"]["rounds_charged"] == 6
+
+
+def test_a_noise_seed_with_secret_cohorts_never_reuses_noise_on_replay(tmp_path):
+    from dpfl.runs import FederatedRun
+
+    c = cfg(tmp_path, rounds=4, **{"checkpoint-every": 2, "noise-multiplier": 1.0,
+                                    "target-epsilon": 0.0, "noise-seed": 5})  # fmt: skip
+    simulate(c, progress=False, stop_after_round=3)
+    saved = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[2])
+    assert saved["round"] == 2
+    run = FederatedRun(c, progress=False, resume=True)
+    # round 3 ran once on another cohort: its noise is not drawn again, and it stays charged
+    assert run.state.noise._streams.next_stream >= 2**40
+    assert run.state.ledger.rounds == 3

@@ -3,6 +3,7 @@ few replies. Fewer replies never lower the reported epsilon."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,15 +92,28 @@ def test_too_few_replies_skip_or_retry_and_are_charged(tmp_path):
     assert eps(retried) > eps(skipped)
 
 
-def test_retry_draws_a_fresh_cohort_and_then_succeeds(tmp_path):
+def test_retry_draws_a_fresh_cohort_and_then_succeeds(tmp_path, monkeypatch):
     # half the users drop; needing 12 of an expected 10 accepted forces retries, some succeed
+    from dpfl.server.sampling import CohortSampler
+
+    drawn = {}
+    real = CohortSampler.cohort
+
+    def recording(self, population, q, round_number, attempt=0, sampling="poisson"):
+        drawn[round_number, attempt] = tuple(real(self, population, q, round_number, attempt))
+        return np.array(drawn[round_number, attempt], dtype=np.int64)
+
+    monkeypatch.setattr(CohortSampler, "cohort", recording)
     _, summary, rows = run(
         tmp_path, "mixed",
         **{"sim-dropout-rate": 0.5, "min-replies": 12, "on-too-few": "retry", "max-retries": 5,
            "count-noise-multiplier": 1.0},
     )  # fmt: skip
-    cohorts = [r["diag_cohort"] for r in rows if r.get("round") == 1]
-    assert len(cohorts) >= 1
+    retried_rounds = {r for (r, a) in drawn if a > 0}
+    assert retried_rounds
+    for r in retried_rounds:  # every attempt of a round drew its own cohort
+        attempts = [drawn[k] for k in drawn if k[0] == r]
+        assert len(set(attempts)) == len(attempts)
     applied = [r for r in rows if "retry" not in r and not r.get("discarded")]
     # the decision is the noisy count's; the exact count is within a few sigma of it
     assert applied and all(r["noisy_accepted"] >= 12 for r in applied)
@@ -130,17 +144,23 @@ def test_retries_and_skips_never_push_epsilon_past_the_target(tmp_path, on_too_f
     assert planned == pytest.approx(2.0, rel=0.01)
 
 
-def test_resumed_secure_runs_with_retries_stay_within_the_target(tmp_path):
+def test_resumed_secure_runs_with_retries_stay_within_the_target(tmp_path, monkeypatch):
     values = {
         "population": 100, "cohort-size": 10, "rounds": 6, "examples-per-user": 5,
         "target-epsilon": 2.0, "min-replies": 9, "on-too-few": "retry", "max-retries": 2,
         "checkpoint-every": 2, "run-dir": str(tmp_path / "run"),
     }  # fmt: skip
     cfg = RunConfig.from_mapping(values)
+    from dpfl.server.round import ServerState
+
+    calls = []
+    real = ServerState._charge
+    monkeypatch.setattr(ServerState, "_charge", lambda self: calls.append(1) or real(self))
     simulate(cfg, progress=False, stop_after_round=3)  # round 3 is replayed after the "crash"
     resumed = simulate(cfg, progress=False, resume=True)
     assert eps(resumed) <= 2.0
     charged = resumed["privacy"]["rounds_charged"]
+    assert charged == len(calls)  # every attempt ever made, before and after the crash
     z_eff = resumed["privacy"]["charged_noise_multiplier"]
     assert eps(resumed) == pytest.approx(
         compute_epsilon(z_eff, 0.1, charged, cfg.resolved_delta).epsilon
