@@ -564,9 +564,11 @@ class FederatedRun:
                 if agg.norms:  # server-side clipping stats
                     diagnostics.setdefault("diag_update_norm_mean", float(np.mean(agg.norms)))
                     diagnostics.setdefault("diag_fraction_clipped", agg.clipped / len(agg.norms))
-            decision = self.share(state.decide(agg, cfg.min_replies) if self.primary else None)
+            # rank 0's decision on every rank (drawn once)
+            agg.decision = self.share(state.decide(agg, cfg.min_replies) if self.primary else None)
+            decision = agg.decision
             if decision.apply:
-                metrics = state.finish_round(agg, decision)
+                metrics = state.finish_round(agg)
                 self._journal(round_number, attempt)
                 break
             give_up = cfg.on_too_few == "skip" or attempt >= cfg.max_retries
@@ -579,7 +581,7 @@ class FederatedRun:
                 else f" (noisy count {decision.noisy_count:.1f})",
                 "skipped" if give_up else "retrying",
             )
-            metrics = state.discard_round(agg, advance=give_up, decision=decision)
+            metrics = state.discard_round(agg, advance=give_up)
             self._journal(round_number, attempt)
             self._epsilon_metrics(metrics, ahead, last=False)
             if give_up:

@@ -120,6 +120,8 @@ class NoiseSource:
             self._streams = CipherStreams.secret(cipher)
         else:
             self._streams = CipherStreams.from_seed(seed, "noise", cipher or "chacha20")
+        self._scratch: torch.Tensor | None = None  # reused by scratch_normal
+        self._scratch_copy = None  # a CUDA event: the scratch's last copy to the device
 
     @property
     def cipher(self) -> str:
@@ -155,14 +157,7 @@ class NoiseSource:
     ) -> torch.Tensor:
         """``n`` independent N(0, 1) draws as a flat tensor on ``device`` (default: the
         source's), made in one bulk draw."""
-        device = self.device if device is None else torch.device(device)
-        draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        pinned = device.type == "cuda"
-        buf = torch.empty(int(n), dtype=draw_dtype, pin_memory=pinned)
-        self._streams.standard_normal(buf.numpy())
-        if device.type != "cpu":
-            buf = buf.to(device, non_blocking=True)
-        return buf if draw_dtype == dtype else buf.to(dtype)
+        return self._draw(n, dtype, device, scratch=False)
 
     def scratch_normal(
         self, n: int, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
@@ -170,26 +165,41 @@ class NoiseSource:
         """Like :meth:`standard_normal`, but drawn into a CPU buffer the source keeps and reuses
         (pinned for a CUDA device), so that a round's draw does not first fault in a fresh
         gigabyte of memory. The result is valid until the next call: use it at once."""
+        return self._draw(n, dtype, device, scratch=True)
+
+    def _draw(
+        self, n: int, dtype: torch.dtype, device: str | torch.device | None, *, scratch: bool
+    ) -> torch.Tensor:
         device = self.device if device is None else torch.device(device)
         draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         pinned = device.type == "cuda"
-        pending = getattr(self, "_scratch_copy", None)
-        if pending is not None:  # the last copy to the device may still read the buffer
-            pending.synchronize()
-            self._scratch_copy = None
-        buf = getattr(self, "_scratch", None)
-        if buf is None or buf.dtype != draw_dtype or buf.numel() < n or buf.is_pinned() != pinned:
-            buf = torch.empty(int(n), dtype=draw_dtype, pin_memory=pinned)
-            self._scratch = buf
-        view = buf[: int(n)]
-        self._streams.standard_normal(view.numpy())
+        n = int(n)
+        if scratch:
+            self._await_copy()  # the last copy to the device may still read the buffer
+            buf = self._scratch
+            if (
+                buf is None
+                or buf.dtype != draw_dtype
+                or buf.numel() < n
+                or buf.is_pinned() != pinned
+            ):
+                buf = self._scratch = torch.empty(n, dtype=draw_dtype, pin_memory=pinned)
+            buf = buf[:n]
+        else:
+            buf = torch.empty(n, dtype=draw_dtype, pin_memory=pinned)
+        self._streams.standard_normal(buf.numpy())
         if device.type != "cpu":
-            view = view.to(device, non_blocking=True)
-            if device.type == "cuda":
+            buf = buf.to(device, non_blocking=True)
+            if scratch and device.type == "cuda":
                 # on the stream the copy was queued on (the target device's, maybe not current)
                 self._scratch_copy = torch.cuda.Event()
                 self._scratch_copy.record(torch.cuda.current_stream(device))
-        return view if draw_dtype == dtype else view.to(dtype)
+        return buf if draw_dtype == dtype else buf.to(dtype)
+
+    def _await_copy(self) -> None:
+        if self._scratch_copy is not None:
+            self._scratch_copy.synchronize()
+            self._scratch_copy = None
 
     def reserve(self, n: int, dtype: torch.dtype = torch.float32) -> None:
         """Allocate and touch the scratch buffer of :meth:`scratch_normal` now (at start-up),
@@ -203,13 +213,9 @@ class NoiseSource:
 
     def wipe(self) -> None:
         """Zero the scratch buffer: the last draw's raw noise does not stay in memory."""
-        pending = getattr(self, "_scratch_copy", None)
-        if pending is not None:
-            pending.synchronize()
-            self._scratch_copy = None
-        buf = getattr(self, "_scratch", None)
-        if buf is not None:
-            buf.zero_()
+        self._await_copy()
+        if self._scratch is not None:
+            self._scratch.zero_()
 
     def skip_to_fresh_streams(self) -> None:
         """Reproducible sources: jump to streams no earlier draw of this seed can have used

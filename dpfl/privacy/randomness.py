@@ -34,6 +34,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from randomgen import AESCounter, ChaCha
 
 CIPHERS: tuple[str, ...] = ("aes-ctr", "chacha20")
@@ -119,13 +120,7 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _threads() -> int:
-    try:
-        import torch
-
-        n = torch.get_num_threads()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        n = os.cpu_count() or 1
-    return max(1, min(n, os.cpu_count() or 1))
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def _executor() -> ThreadPoolExecutor:

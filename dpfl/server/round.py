@@ -350,8 +350,8 @@ class ServerState:
         if spec.dp:
             self.ledger.record(spec.charged_noise_multiplier, spec.sample_rate)
 
-    def _privacy_metrics(self, decision: Decision | None) -> dict[str, float]:
-        spec, metrics = self.spec, {}
+    def _privacy_metrics(self, agg: RoundAggregator) -> dict[str, float]:
+        spec, metrics, decision = self.spec, {}, agg.decision
         if decision is not None and decision.noisy_count is not None:
             metrics["noisy_accepted"] = decision.noisy_count  # DP: accounted with the sum
         if spec.accounted:
@@ -359,9 +359,7 @@ class ServerState:
                 metrics["epsilon_rdp"] = self.ledger.epsilon(spec.delta, "rdp").epsilon
         return metrics
 
-    def discard_round(
-        self, agg: RoundAggregator, advance: bool, decision: Decision | None = None
-    ) -> dict[str, float]:
+    def discard_round(self, agg: RoundAggregator, advance: bool) -> dict[str, float]:
         """An attempt with too few accepted replies: its sum is neither applied nor released.
 
         It is still charged to the ledger at the scheduled q and the full z_eff (conservative:
@@ -378,12 +376,10 @@ class ServerState:
             "round": self.round if advance else self.round + 1,
             "discarded": 1,
         }
-        metrics.update(self._privacy_metrics(decision))
+        metrics.update(self._privacy_metrics(agg))
         return metrics
 
-    def finish_round(
-        self, agg: RoundAggregator, decision: Decision | None = None
-    ) -> dict[str, float]:
+    def finish_round(self, agg: RoundAggregator) -> dict[str, float]:
         """Noise, average, optimizer step and accounting for the round just collected.
 
         Under DP the noisy sum is divided by the expected cohort size q*K and the round is
@@ -427,7 +423,7 @@ class ServerState:
             metrics["update_norm"] = math.sqrt(
                 sum(float(a.double().pow(2).sum()) for a in average.values())
             )
-        metrics.update(self._privacy_metrics(decision))
+        metrics.update(self._privacy_metrics(agg))
         return metrics
 
     # --- checkpoints ----------------------------------------------------------------------

@@ -176,7 +176,7 @@ class DPFedAvg(Strategy):
 
     def __init__(self, cfg: RunConfig, user_nodes: dict[int, int]) -> None:
         self.cfg = cfg
-        self.name_users = cfg.sampling_seed >= 0  # logs name users only if cohorts are public
+        self.name_users = False  # the run's (public cohorts only) once start() has made it
         self.user_nodes = user_nodes
         self.node_users = {node: user for user, node in user_nodes.items()}
         self._cohort: np.ndarray = np.array([], dtype=np.int64)
@@ -335,6 +335,7 @@ class DPFedAvg(Strategy):
 
         self.summary()
         run = FederatedRun(self.cfg, progress=False)
+        self.name_users = run.name_users
         summary = run.run(self.collector(grid))
         result = Result()
         result.arrays = ArrayRecord(run.state.weights())
