@@ -31,12 +31,7 @@ from dpfl.client.train import (
 from dpfl.config import RunConfig
 from dpfl.models.tasks import TASKS, ClassificationTask, Task
 from dpfl.privacy.accounting import EpsilonResult, PrivacyLedger
-from dpfl.privacy_plan import (  # noqa: F401  (NoisePlan is part of this module's interface)
-    NoisePlan,
-    privacy_statement,
-    resolve_noise,
-    server_spec,
-)
+from dpfl.privacy_plan import privacy_statement, resolve_noise, server_spec
 from dpfl.profiling import round_done, section
 from dpfl.server.round import (
     EventLog,
