@@ -24,7 +24,7 @@ setup: $(BIN)/python
 # Main job: DP-FedAvg on the embedded synthetic task (2,000 users, expected cohort 200, 40 rounds,
 # per-layer clipping, noise calibrated for epsilon = 8, LAMB on the server), then its report.
 demo: setup
-	$(BIN)/dpfl simulate --run-dir runs/demo
+	$(BIN)/dpfl simulate --run-dir runs/demo --overwrite
 	$(BIN)/dpfl report runs/demo
 
 # Offline speech synthesis for the synthetic speech corpus (a Debian package).

@@ -98,7 +98,7 @@ def main() -> None:
         seed = json.loads((seed_dir / "summary.json").read_text())
     else:
         seed_cfg = RunConfig.from_mapping({"run-dir": str(seed_dir), "batch-seconds": 30.0}, base)
-        seed = train_central(seed_cfg, progress=False)
+        seed = train_central(seed_cfg, progress=False, overwrite=True)
     print(
         f"seed: {seed['speakers']} speakers, {seed['hours']:.2f} h, WER {seed['final']['wer']:.3f}"
         f" CER {seed['final']['cer']:.3f} ({time.perf_counter() - t0:.0f} s)",
@@ -123,7 +123,7 @@ def main() -> None:
                 },
                 base,
             )
-            summary = simulate(cfg, progress=False)
+            summary = simulate(cfg, progress=False, overwrite=True)
             eps = summary["privacy"]["epsilon"]["rdp"]["epsilon"]
             row = {
                 "clip": scheme,

@@ -95,7 +95,7 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
             audio["seconds"] = 0.0
             t0 = time.perf_counter()
-            summary = simulate(cfg, progress=False)
+            summary = simulate(cfg, progress=False, overwrite=True)
             wall = time.perf_counter() - t0
             records = [
                 json.loads(line)

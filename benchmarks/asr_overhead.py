@@ -124,7 +124,9 @@ def child(mode: str, values: dict, rounds: int) -> None:
         from dpfl.config import RunConfig
         from dpfl.simulations.engine import simulate
 
-        simulate(RunConfig.from_mapping({**values, "rounds": rounds}), progress=False)
+        simulate(
+            RunConfig.from_mapping({**values, "rounds": rounds}), progress=False, overwrite=True
+        )
         rows = [json.loads(x) for x in Path(values["run-dir"], "metrics.jsonl").open()]
         times = [m["seconds"] for m in rows if m.get("round", 0) > 0]
     print(json.dumps({"times": times}))

@@ -65,7 +65,7 @@ def run(keys: dict, rounds: int, dp: bool) -> dict:
             **keys,
         }
         t0 = time.perf_counter()
-        summary = simulate(RunConfig.from_mapping(values), progress=False)
+        summary = simulate(RunConfig.from_mapping(values), progress=False, overwrite=True)
         seconds = time.perf_counter() - t0
     eps = summary["privacy"]["epsilon"]["rdp"]["epsilon"] if dp else None
     return {"accuracy": summary["final"]["accuracy"], "seconds": seconds, "epsilon": eps}

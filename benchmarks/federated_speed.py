@@ -62,7 +62,7 @@ CHILD = """
 import json, resource, sys
 from dpfl.config import RunConfig
 from dpfl.simulations.engine import simulate
-summary = simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), progress=False)
+summary = simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), progress=False, overwrite=True)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "final": summary["final"]}))
 """
@@ -135,7 +135,7 @@ from dpfl.config import RunConfig
 from dpfl.profiling import profiled
 from dpfl.simulations.engine import simulate
 with profiled() as profile:
-    simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), progress=False)
+    simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), progress=False, overwrite=True)
 print(profile.table())
 """
 

@@ -85,7 +85,7 @@ def run(name: str, values: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="dpfl-hetero-") as run_dir:
         cfg = RunConfig.from_mapping({**values, "run-dir": run_dir})
         t0 = time.perf_counter()
-        summary = simulate(cfg, progress=False)
+        summary = simulate(cfg, progress=False, overwrite=True)
         wall = time.perf_counter() - t0
         rows = [
             json.loads(line)

@@ -223,7 +223,7 @@ def main() -> None:
                 "run-dir": str(out / ("fed-dp" if z else "fed")),
             }
         )
-        summary = simulate(cfg, progress=False)
+        summary = simulate(cfg, progress=False, overwrite=True)
         final = summary["final"]
         privacy = summary["privacy"]
         eps = privacy["epsilon"]["rdp"]["epsilon"] if "epsilon" in privacy else None

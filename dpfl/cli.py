@@ -11,7 +11,9 @@ Errors in the input end the command with one line on stderr and exit status 2, n
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import logging
 import math
 import os
 import sys
@@ -23,6 +25,7 @@ from dpfl import __version__
 _IMPORTED_AT = time.perf_counter()
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_NO_ANSWER = 1  # every requested accountant refused or failed
 MAX_COUNT = 10**15  # rounds, cohorts and populations beyond this are typos, not plans
 
@@ -34,6 +37,66 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         raise CliError(f"{self.prog}: error: {message}")
+
+    def subcommand(self, name: str | None) -> _Parser:
+        """The parser of subcommand ``name`` (this one if there is none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return self
+
+    def suggest(self, words: list[str]) -> str:
+        """'; did you mean --x?' for mistyped flags, from this command's own flags."""
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for word in words:
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=3, cutoff=0.6)
+                if close:
+                    names = (
+                        close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+                    )
+                    hints.append(f"{word}: did you mean {names}?")
+        return ("; " + "; ".join(hints)) if hints else f" (see {self.prog} --help)"
+
+
+def _add_verbosity(p: argparse.ArgumentParser, quiet_help: str) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also print debug messages of dpfl's modules"
+    )
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """dpfl's own messages (why vectorisation fell back, resumes, budget stops) on stderr:
+    INFO by default, WARNING with --quiet, DEBUG with -v. Other libraries' INFO stays off."""
+    level = logging.INFO
+    if getattr(args, "quiet", False):
+        level = logging.WARNING
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    logger = logging.getLogger("dpfl")
+    logger.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname).1s dpfl: %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (it may be replaced after set-up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _finite_float(name: str):
@@ -109,7 +172,9 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
     sampling.add_argument(
         "--population", "-K", type=_int_arg("--population"), help="number of users"
     )
-    p.add_argument("--rounds", "-T", type=_int_arg("--rounds"), required=True)
+    p.add_argument(
+        "--rounds", "-T", type=_int_arg("--rounds"), required=True, help="number of rounds T"
+    )
     p.add_argument(
         "--delta",
         type=_finite_float("--delta"),
@@ -185,7 +250,17 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
             f"--accountants: unknown {', '.join(unknown) or '(empty)'}; "
             f"choose from {', '.join(ACCOUNTANTS)}"
         )
+    warning = None
+    if population is not None and delta * population >= 1:
+        warning = (
+            f"delta = {delta:g} >= 1/population (1/{population:,}): such a delta permits "
+            "releasing a whole user's data, and epsilon then means nothing; use delta < "
+            f"1/population (e.g. {default_delta(population):g})"
+        )
+    elif population is None and delta >= 0.01:
+        warning = f"delta = {delta:g} is large: it must be well below 1/population"
     return {
+        "delta_warning": warning,
         "noise_multiplier": z,
         "sigma_dp": sigma_dp,
         "sample_rate": q,
@@ -248,6 +323,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         calibrate_noise_multiplier,
         compute_epsilon,
         extrapolate,
+        slack_note,
     )
 
     plan = _resolve_budget(args)
@@ -260,7 +336,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         settings = _extrapolation_settings(args.extrapolate, plan["cohort"], plan["population"])
     q, T, delta = plan["sample_rate"], plan["rounds"], plan["delta"]
     report: dict = {
-        "plan": {k: v for k, v in plan.items() if k != "accountants"},
+        "plan": {k: v for k, v in plan.items() if k not in ("accountants", "delta_warning")},
+        **({"warning": plan["delta_warning"]} if plan["delta_warning"] else {}),
         "assumptions": {
             "adjacency": ADJACENCY,
             "sampling": SAMPLING,
@@ -281,6 +358,9 @@ def _cmd_budget(args: argparse.Namespace) -> int:
             if args.target_epsilon is not None:
                 z = calibrate_noise_multiplier(args.target_epsilon, delta, q, T, name)
                 row["noise_multiplier"] = z
+                slack = slack_note(name, args.target_epsilon)
+                if slack:
+                    row["note"] = slack
                 if plan["cohort"] is not None:
                     row["sigma_dp"] = z / plan["cohort"]
             else:
@@ -298,6 +378,17 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         except ArithmeticError as err:
             row["refused"] = f"{name} failed: {type(err).__name__}: {err}"
         row["seconds"] = time.perf_counter() - t0
+        if plan["delta_warning"] and "refused" not in row:
+            row["note"] = "; ".join(
+                x
+                for x in (
+                    row.get("note"),
+                    "WARNING: delta >= 1/population"
+                    if plan["population"]
+                    else "WARNING: large delta",
+                )
+                if x
+            )
         report["accountants"].append(row)
     if settings is not None:
         sigma_dp = plan["sigma_dp"]
@@ -358,6 +449,8 @@ def _print_budget(report: dict, target: float | None) -> None:
     else:
         rate = f"q = {plan['sample_rate']:.6g}"
     out.append(f"  plan:      {rate}, T = {plan['rounds']} rounds, delta = {plan['delta']:g}")
+    if report.get("warning"):
+        out.append(f"  WARNING:   {report['warning']}")
     if target is None:
         z = plan["noise_multiplier"]
         extra = f" (sigma_DP = {plan['sigma_dp']:.4g} on the average)" if plan["sigma_dp"] else ""
@@ -375,7 +468,7 @@ def _print_budget(report: dict, target: float | None) -> None:
 
         def cells(row: dict) -> tuple[list[str], str]:
             sigma = f"{row['sigma_dp']:.4g}" if "sigma_dp" in row else "-"
-            return [f"{row['noise_multiplier']:.6g}", sigma], ""
+            return [f"{row['noise_multiplier']:.6g}", sigma], row.get("note") or ""
 
     out.append("")
     out.append(f"  {'accountant':<11}" + "".join(f"{h:>12}" for h in header) + "   note")
@@ -422,9 +515,17 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "--resume", action="store_true", help="continue from the run folder's checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's checkpoint (a larger --rounds extends a finished "
+        "run; any other changed key is refused)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run the run folder holds (without it, such a folder is refused)",
+    )
+    _add_verbosity(p, "no progress bar, only warnings")
     p.add_argument(
         "--profile",
         action="store_true",
@@ -443,9 +544,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from dpfl.simulations.engine import simulate
 
     cfg = _config_from_args(args)
+    if args.resume and args.overwrite:
+        raise CliError("--resume continues the run in the folder, --overwrite replaces it: one")
     with profiled() if args.profile else nullcontext() as profile:
         try:
-            summary = simulate(cfg, resume=args.resume, progress=not args.quiet)
+            summary = simulate(
+                cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(_checkpoint_line(cfg)) from None
         except (ValueError, FileNotFoundError, RuntimeError) as err:
             raise CliError(str(err)) from None
     if int(os.environ.get("RANK", "0")) != 0:
@@ -456,6 +563,32 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print("\nper-round time breakdown (round 1 apart: warm-up):")
         print(profile.table())
     return 0
+
+
+class Interrupted(Exception):
+    """Ctrl-C: one line saying what is left, exit status 130."""
+
+
+def _checkpoint_line(cfg) -> str:
+    """Where an interrupted run can continue from (or that it cannot)."""
+    from pathlib import Path
+
+    from dpfl.server.round import load_checkpoint
+
+    path = Path(cfg.run_dir) / "checkpoint.pt"
+    try:
+        done = load_checkpoint(path)["server"]["round"]
+    except (ValueError, KeyError, OSError):
+        how = (
+            "no checkpoint was written yet"
+            if cfg.checkpoint_every
+            else "no checkpoint (checkpoint-every = 0)"
+        )
+        return f"interrupted: {how}; the run in {cfg.run_dir} cannot be resumed"
+    return (
+        f"interrupted: last checkpoint {path} (round {done}); continue with the same command "
+        "and --resume"
+    )
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -492,7 +625,12 @@ def _add_central(sub: argparse._SubParsersAction) -> None:
         description="Train on the first seed-speakers speakers (pooled, Adam, central-steps "
         "steps) and write run-dir/model.pt, to start a federated run from (init-model).",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run the run folder holds (without it, such a folder is refused)",
+    )
+    _add_verbosity(p, "no progress bar, only warnings")
     _add_config_keys(p)
     p.set_defaults(func=_cmd_central)
 
@@ -502,7 +640,9 @@ def _cmd_central(args: argparse.Namespace) -> int:
 
     cfg = _config_from_args(args)
     try:
-        summary = train_central(cfg, progress=not args.quiet)
+        summary = train_central(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: the seed model in {cfg.run_dir} was not written") from None
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise CliError(str(err)) from None
     m = summary["metric"]
@@ -520,12 +660,38 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
         "speech-corpus",
         help="synthesise a multi-speaker speech corpus offline with espeak-ng",
     )
-    p.add_argument("out_dir")
-    p.add_argument("--speakers", type=_int_arg("--speakers"), default=40)
-    p.add_argument("--utterances", type=_int_arg("--utterances"), default=10)
-    p.add_argument("--test-speakers", type=_int_arg("--test-speakers"), default=8)
-    p.add_argument("--layout", choices=("librispeech", "commonvoice"), default="librispeech")
-    p.add_argument("--seed", type=_int_arg("--seed"), default=0)
+    p.add_argument("out_dir", help="folder to write the corpus to (kept if already complete)")
+    p.add_argument(
+        "--speakers",
+        type=_int_arg("--speakers"),
+        default=40,
+        help="training speakers, one espeak-ng voice each (default: 40)",
+    )
+    p.add_argument(
+        "--utterances",
+        type=_int_arg("--utterances"),
+        default=10,
+        help="utterances per speaker (default: 10)",
+    )
+    p.add_argument(
+        "--test-speakers",
+        type=_int_arg("--test-speakers"),
+        default=8,
+        help="further speakers for the test split (default: 8)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("librispeech", "commonvoice"),
+        default="librispeech",
+        help="librispeech: train/ and test/ subset folders of FLAC and .trans.txt; commonvoice: "
+        "clips/*.mp3 with train.tsv and test.tsv (default: librispeech)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_int_arg("--seed"),
+        default=0,
+        help="seed of the voices and sentences (default: 0)",
+    )
     p.set_defaults(func=_cmd_corpus)
 
 
@@ -550,22 +716,44 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="privacy statement and plots of a finished run")
-    p.add_argument("run_dir")
-    p.add_argument("--no-plots", action="store_true")
+    p = sub.add_parser(
+        "report",
+        help="privacy statement and plots of finished runs",
+        description="Print each run's privacy statement and write its plots (metrics.png: "
+        "every evaluation metric, one panel each; epsilon.png: epsilon per round and the "
+        "target) into its folder. With several runs, also plot their metric against the "
+        "epsilon spent, one curve per run.",
+    )
+    p.add_argument("run_dir", nargs="+", help="run folder(s) (the run-dir of dpfl runs)")
+    p.add_argument("--no-plots", action="store_true", help="print the statements only")
+    p.add_argument(
+        "--out",
+        default="compare.png",
+        help="with several runs: where to write the metric-against-epsilon plot "
+        "(default: compare.png)",
+    )
     p.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dpfl.report import report
+    from dpfl.report import report, write_comparison
 
-    try:
-        lines, paths = report(args.run_dir, plots=not args.no_plots)
-    except ValueError as err:
-        raise CliError(str(err)) from None
-    print("\n".join(lines))
-    for path in paths:
-        print(f"wrote {path}")
+    several = len(args.run_dir) > 1
+    for k, run_dir in enumerate(args.run_dir):
+        try:
+            lines, paths = report(run_dir, plots=not args.no_plots)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        if several:
+            print(("\n" if k else "") + f"== {run_dir}")
+        print("\n".join(lines))
+        for path in paths:
+            print(f"wrote {path}")
+    if several and not args.no_plots:
+        try:
+            print(f"wrote {write_comparison(args.run_dir, args.out)}")
+        except ValueError as err:
+            raise CliError(str(err)) from None
     return 0
 
 
@@ -575,24 +763,53 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         help="empirical privacy audit: a canary attack's lower bound on epsilon",
         description="Run one round of dpfl's release path (client clipping, server check and "
         "sum, Gaussian noise) many times with and without a canary client whose update is a "
-        "fixed large vector; report the 95%% Clopper-Pearson lower bound on epsilon that the "
+        "fixed large vector; report the 95% Clopper-Pearson lower bound on epsilon that the "
         "attack certifies, next to the accountant's epsilon. The canary is in every 'with' "
         "trial (not Poisson-sampled; the accountant is asked with q = 1, T = 1). Modes "
         "no-noise and no-clip break the mechanism on purpose to show a leak is detected.",
     )
-    p.add_argument("--trials", type=_int_arg("--trials"), default=10_000, help="per world")
-    p.add_argument("--noise-multiplier", type=_finite_float("--noise-multiplier"), default=4.0)
-    p.add_argument("--delta", type=_finite_float("--delta"), default=1e-5)
-    p.add_argument("--modes", default="correct,no-noise,no-clip")
+    p.add_argument(
+        "--trials",
+        type=_int_arg("--trials"),
+        default=10_000,
+        help="trials per world, with and without the canary (default: 10000)",
+    )
+    p.add_argument(
+        "--noise-multiplier",
+        type=_finite_float("--noise-multiplier"),
+        default=4.0,
+        help="z of the audited mechanism (default: 4)",
+    )
+    p.add_argument(
+        "--delta",
+        type=_finite_float("--delta"),
+        default=1e-5,
+        help="delta of the claimed and the audited epsilon (default: 1e-5)",
+    )
+    p.add_argument(
+        "--modes",
+        default="correct,no-noise,no-clip",
+        help="comma-separated mechanisms to audit: correct, and no-noise and no-clip (broken "
+        "on purpose) (default: all three)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_audit)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from dpfl.privacy.audit import run_audit
+    from dpfl.config import suggestion
+    from dpfl.privacy.audit import MODES, run_audit
 
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:  # every mode checked before any work
+        hint = suggestion(unknown[0], MODES) if unknown else ""
+        raise CliError(
+            f"--modes: unknown {', '.join(unknown) or '(empty)'}; choose from "
+            f"{', '.join(MODES)}{hint}"
+        )
     results = []
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    for mode in modes:
         try:
             r = run_audit(args.trials, args.noise_multiplier, mode, args.delta)
         except ValueError as err:
@@ -621,8 +838,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            sub = parser.subcommand(getattr(args, "command", None))
+            sub.error(f"unrecognized arguments: {' '.join(unknown)}{sub.suggest(unknown)}")
+        _setup_logging(args)
         return args.func(args)
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(str(err) or "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except CliError as err:
         message = " ".join(str(err).split()) or "invalid input"
         if not message.startswith("dpfl"):

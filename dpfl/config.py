@@ -9,9 +9,10 @@ ValueError naming the key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "vectorize": ("auto", "on", "off"),
     "asr_size": ("tiny", "small", "paper"),
     "data_format": ("synthetic", "librispeech", "commonvoice"),
+    "test_split": ("", "speaker", "utterance"),
+    "alphabet": ("en", "latin"),
     "precision": ("fp32", "bf16", "fp16"),
 }
+
+
+RUN_CONTROL_KEYS: tuple[str, ...] = ("overwrite",)
+"""Keys of a Flower run config that say how to start the run, not what it is (the CLI's
+flags of the same names): they are not RunConfig keys and not recorded with the run."""
 
 
 def _doc(text: str) -> dict:
@@ -68,10 +76,37 @@ class RunConfig:
     )
     data_dir: str = field(default="data/synthetic-speech", metadata=_doc("asr: corpus folder"))
     data_train: str = field(
-        default="train", metadata=_doc("asr: LibriSpeech subset or Common Voice TSV to train on")
+        default="",
+        metadata=_doc(
+            "asr: LibriSpeech subset folder or Common Voice TSV to train on ('': the format's "
+            "own, train or train.tsv)"
+        ),
     )
     data_test: str = field(
-        default="test", metadata=_doc("asr: LibriSpeech subset or Common Voice TSV to test on")
+        default="",
+        metadata=_doc(
+            "asr: LibriSpeech subset folder or Common Voice TSV to test on ('': the format's "
+            "own, test or test.tsv; ignored with test-split)"
+        ),
+    )
+    test_split: str = field(
+        default="",
+        metadata=_doc(
+            "asr, for a corpus without a test set: hold out test-fraction of the speakers "
+            "('speaker': they leave the federation) or of every speaker's utterances "
+            "('utterance': evaluation then uses users' data and is labelled non-private); "
+            "'' reads data-test"
+        ),
+    )
+    test_fraction: float = field(
+        default=0.1, metadata=_doc("asr: the fraction test-split holds out, in (0, 1)")
+    )
+    alphabet: str = field(
+        default="en",
+        metadata=_doc(
+            "asr: output characters: en (a-z, space, ' and -) or latin (en plus the paper's "
+            "accented letters for French and German); the model's output size follows it"
+        ),
     )
     synthetic_speakers: int = field(default=40, metadata=_doc("synthetic speech: speakers"))
     synthetic_utterances: int = field(
@@ -202,6 +237,13 @@ class RunConfig:
         ),
     )
     delta: float = field(default=0.0, metadata=_doc("delta (0: a power of ten <= 0.1/population)"))
+    allow_large_delta: bool = field(
+        default=False,
+        metadata=_doc(
+            "accept delta >= 1/population, which permits releasing a whole user's data (for "
+            "experiments only; the report says so)"
+        ),
+    )
     accountant: str = field(
         default="rdp", metadata=_doc("accountant for the budget: rdp, prv, pld")
     )
@@ -375,7 +417,10 @@ class RunConfig:
             return
         known = "'' (the model's own), " + ", ".join(sorted(NORMS))
         if name not in NORMS:
-            raise ValueError(f"config key norm = {self.norm!r}: expected one of {known}")
+            raise ValueError(
+                f"config key norm = {self.norm!r}: expected one of {known}"
+                + suggestion(name, NORMS)
+            )
         model, layout = {
             "asr": ("the ASR transformer", "last"),
             "localization": ("the localisation net", "channels"),
@@ -408,6 +453,13 @@ class RunConfig:
                     raise bad(f.name, "a number")
                 if not math.isfinite(value):
                     raise bad(f.name, "a finite number")
+        # the task first: every other key's meaning (norm layers, data) depends on it
+        if self.task not in TASKS:
+            raise ValueError(
+                f"config key task = {self.task!r}: expected one of "
+                + ", ".join(sorted(TASKS))
+                + suggestion(self.task, TASKS)
+            )
         for name in ("population", "rounds", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
@@ -472,15 +524,18 @@ class RunConfig:
             )
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                raise bad(name, "one of " + ", ".join(choices))
+                shown = ", ".join(repr(c) if c == "" else c for c in choices)
+                raise bad(name, "one of " + shown + suggestion(getattr(self, name), choices))
         for name, registry in (
-            ("task", TASKS),
             ("client_optimizer", OPTIMIZERS),
             ("server_optimizer", OPTIMIZERS),
             ("server_schedule", SCHEDULES),
         ):
             if getattr(self, name) not in registry:
-                raise bad(name, "one of " + ", ".join(sorted(registry)))
+                value = getattr(self, name)
+                raise bad(
+                    name, "one of " + ", ".join(sorted(registry)) + suggestion(value, registry)
+                )
         if not self.run_dir.strip():
             raise bad("run_dir", "a folder path")
         for name in ("client_lr", "server_lr", "round_timeout"):
@@ -504,6 +559,16 @@ class RunConfig:
             )
         if not 0 <= self.delta < 1:
             raise bad("delta", "0 (automatic) or a number in (0, 1)")
+        if self.delta * self.population >= 1 and not self.allow_large_delta:
+            raise ValueError(
+                f"config key delta = {self.delta:g} is >= 1/population (1/{self.population}): "
+                "a delta that large permits releasing a whole user's data, and epsilon then "
+                "means nothing; use delta = 0 (automatic, "
+                f"{default_delta(self.population):g}) or set allow-large-delta = true for an "
+                "experiment"
+            )
+        if not 0 < self.test_fraction < 1:
+            raise bad("test_fraction", "a number in (0, 1)")
         if self.noise_seed < -1:
             raise bad("noise_seed", "-1 (secure) or a seed >= 0")
         if self.sampling_seed < -1:
@@ -544,7 +609,8 @@ class RunConfig:
             f = known.get(key)
             if f is None:
                 raise ValueError(
-                    f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}"
+                    f"unknown config key {key!r}{suggestion(key, known)} "
+                    "(dpfl simulate --help lists every key)"
                 )
             current[f.name] = _coerce(key, f.type, value)
         return cls(**current)
@@ -564,6 +630,18 @@ class RunConfig:
     def describe_defaults(cls) -> list[tuple[str, Any, str]]:
         """(key, default, description) of every config key, for --help and docs."""
         return [(key_of(f.name), f.default, f.metadata.get("doc", "")) for f in fields(cls)]
+
+
+def suggestion(word: str, choices: Iterable[str]) -> str:
+    """'; did you mean X?' for the closest names to a mistyped one, or ''."""
+    close = difflib.get_close_matches(str(word), list(choices), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + _one_of([repr(c) for c in close]) + "?"
+
+
+def _one_of(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def key_of(field_name: str) -> str:

@@ -113,9 +113,11 @@ def privacy_statement(
     noise_label: str,
     rounds_run: int,
     sampling_label: str = "",
+    rounds_planned: list[int] | None = None,
 ) -> dict[str, Any]:
     """The (epsilon, delta) of the attempts actually charged, with every assumption it rests
-    on: adjacency, sampling (and whether its randomness is secret), delta, who is trusted."""
+    on: adjacency, sampling (and whether its randomness is secret), delta, who is trusted.
+    ``rounds_planned``: the planned rounds of the first run and of each extension."""
     statement: dict[str, Any] = {
         "dp": spec.dp,
         "rounds_run": rounds_run,
@@ -123,6 +125,8 @@ def privacy_statement(
         "noise_source": noise_label,
         "cohort_source": sampling_label,
     }
+    if rounds_planned and len(rounds_planned) > 1:
+        statement["rounds_extended_from"] = list(rounds_planned[:-1])
     if not spec.dp:
         statement["text"] = "DP is off (clip-norm = 0): no privacy guarantee."
         return statement
@@ -146,6 +150,24 @@ def privacy_statement(
             "delta": spec.delta,
         }
     )
+    if cfg.delta * cfg.population >= 1:
+        statement["delta_warning"] = (
+            f"delta = {spec.delta:g} >= 1/population (allow-large-delta): a mechanism that "
+            "releases one whole user's data with probability delta meets this guarantee"
+        )
+    if spec.noise_multiplier == 0:
+        statement["epsilon"] = {
+            name: {"epsilon": math.inf, "accountant": name, "note": "no noise"}
+            for name in ACCOUNTANTS
+        }
+        statement["rounds_charged"] = sum(seg.steps for seg in ledger_segments)
+        statement["text"] = (
+            f"no noise: epsilon = inf. Updates were clipped ({spec.clip.scheme} "
+            f"C={spec.clip.clip_norm:g} on the {spec.clip_location}) but no noise was added "
+            "(noise-multiplier = 0, target-epsilon = 0): a clipping baseline with no DP "
+            "guarantee"
+        )
+        return statement
     if not spec.accounted:
         statement["text"] = (
             "fixed-size cohorts: no accountant here covers this sampling, so no epsilon is reported"
@@ -174,8 +196,9 @@ def privacy_statement(
         else ""
     )
     insecure = "INSECURE" in noise_label or "INSECURE" in sampling_label
+    large_delta = " -- WARNING: delta >= 1/population" if "delta_warning" in statement else ""
     statement["text"] = (
-        f"(epsilon, delta) = ({eps:.4g}, {spec.delta:g}) under {main['accountant']}, "
+        f"(epsilon, delta) = ({eps:.4g}, {spec.delta:g}){large_delta} under {main['accountant']}, "
         f"Poisson sampling, q={spec.sample_rate:.4g}, T={charged}{why}; user-level DP "
         f"({ADJACENCY}), clip {spec.clip.scheme} C={spec.clip.clip_norm:g} on the "
         f"{spec.clip_location}, z={spec.noise_multiplier:.4g}{count}; noise: {noise_label}"

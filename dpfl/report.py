@@ -18,6 +18,11 @@ from dpfl.privacy.accounting import extrapolate, scaled_settings
 
 def load_run(run_dir: str | Path) -> tuple[dict, list[dict], dict]:
     run = Path(run_dir)
+    if not run.exists():
+        raise ValueError(f"{run} does not exist: give a run folder (run-dir of a dpfl run)")
+    if not run.is_dir():
+        hint = f" (its folder {run.parent} may be)" if run.name in _RUN_FILES else ""
+        raise ValueError(f"{run} is a file, not a run folder{hint}")
     try:
         config = json.loads((run / "config.json").read_text())
         summary = json.loads((run / "summary.json").read_text())
@@ -31,6 +36,9 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict], dict]:
     return config, metrics, summary
 
 
+_RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt")
+
+
 def _num(v: Any) -> float:
     """Run files store inf as the string "inf" (strict JSON); float() reads both."""
     return float(v)
@@ -40,14 +48,33 @@ def statement_lines(
     config: dict, summary: dict, scales: tuple[float, ...] = (10, 100, 1000)
 ) -> list[str]:
     p = summary["privacy"]
-    lines = [f"run: {summary['rounds_run']} of {p['rounds_planned']} rounds"]
-    metric = summary["metric"]
-    if summary.get("initial") and summary.get("final"):
-        lines.append(
-            f"{metric}: {summary['initial'][metric]:.4f} before training, "
-            f"{summary['final'][metric]:.4f} after"
+    planned = p["rounds_planned"]
+    extended = p.get("rounds_extended_from")
+    lines = [
+        f"run: {summary['rounds_run']} of {planned} rounds"
+        + (
+            f" (planned {extended[0]}, extended to "
+            + ", then ".join(str(r) for r in [*extended[1:], planned])
+            + ")"
+            if extended
+            else ""
         )
+        + (
+            " (stopped: the next round would exceed the target epsilon)"
+            if summary.get("stopped_for_budget")
+            else ""
+        )
+    ]
+    metric = summary["metric"]
+    initial, final = summary.get("initial"), summary.get("final")
+    if initial and final and metric in initial and metric in final:
+        lines.append(f"{metric}: {initial[metric]:.4f} before training, {final[metric]:.4f} after")
+    elif final and metric in final:
+        lines.append(f"{metric}: {final[metric]:.4f} after training")
     if not p["dp"]:
+        lines.append(p["text"])
+        return lines
+    if p.get("noise_multiplier") == 0:
         lines.append(p["text"])
         return lines
     lines += [
@@ -68,7 +95,8 @@ def statement_lines(
             if p.get("count_noise_multiplier")
             else []
         ),
-        f"delta:      {p['delta']:g}",
+        f"delta:      {p['delta']:g}"
+        + (f"  WARNING: {p['delta_warning']}" if p.get("delta_warning") else ""),
         *([f"trust:      {p['threat_model']}"] if p.get("threat_model") else []),
         *[f"assumes:    {a}" for a in p.get("assumptions", [])],
     ]
@@ -120,41 +148,93 @@ def statement_lines(
     return lines
 
 
-def write_plots(run_dir: str | Path, metrics: list[dict], metric: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run = Path(run_dir)
-    out = []
-    key = f"eval_{metric}"
-    points = [(m["round"], m[key]) for m in metrics if key in m]
-    if points:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
-        ax.set_xlabel("round")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} of the global model")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run / "metric.png", dpi=100)
-        plt.close(fig)
-        out.append(run / "metric.png")
+def _epsilon_series(metrics: list[dict]) -> tuple[str, list[tuple[int, float]]]:
+    """(accountant, [(round, epsilon)]): the configured accountant's where it was computed
+    every round, else RDP's (computed every round)."""
     names = {k for m in metrics for k in m if k.startswith("epsilon_")}
-    # the configured accountant's where it was computed each round, else RDP's
     name = next((k for k in sorted(names) if k != "epsilon_rdp"), "epsilon_rdp")
     if name != "epsilon_rdp" and sum(name in m for m in metrics) < sum(
         "epsilon_rdp" in m for m in metrics
     ):
         name = "epsilon_rdp"
-    eps = [(m["round"], _num(m[name])) for m in metrics if name in m]
-    eps = [(r, e) for r, e in eps if math.isfinite(e)]
-    if eps:
+    points = [(m["round"], _num(m[name])) for m in metrics if name in m and not m.get("retry")]
+    return name.removeprefix("epsilon_"), points
+
+
+def _series(metrics: list[dict], key: str) -> list[tuple[int, float]]:
+    return [
+        (m["round"], _num(m[key]))
+        for m in metrics
+        if key in m and not m.get("retry") and math.isfinite(_num(m[key]))
+    ]
+
+
+def panel_keys(metrics: list[dict], metric: str) -> list[str]:
+    """The series ``metrics.png`` shows, one panel each: every evaluation metric (the main one
+    first; loss included), then the clients' mean training loss when diagnostics recorded it."""
+    keys = sorted(
+        {k for m in metrics for k in m if k.startswith("eval_") and k != "eval_non_private"},
+        key=lambda k: (k != f"eval_{metric}", k),
+    )
+    if any("diag_train_loss" in m for m in metrics):
+        keys.append("diag_train_loss")
+    return [k for k in keys if _series(metrics, k)]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(
+    run_dir: str | Path, metrics: list[dict], metric: str, target_epsilon: float = 0.0
+) -> list[Path]:
+    """``metrics.png``: one panel per evaluation metric (the main one first, loss included) and
+    the clients' mean training loss when diagnostics recorded it; ``epsilon.png``: epsilon per
+    round, with the target as a line."""
+    plt = _pyplot()
+    run = Path(run_dir)
+    out = []
+    panels = [(k, _series(metrics, k)) for k in panel_keys(metrics, metric)]
+    if panels:
+        cols = min(3, len(panels))
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, (key, pts) in zip(axes.flat, panels, strict=False):
+            ax.plot(*zip(*pts, strict=True), marker="o", markersize=3)
+            ax.set_xlabel("round")
+            if key == "diag_train_loss":
+                ax.set_title("clients' training loss (non-private diagnostic)", fontsize=9)
+            else:
+                ax.set_title(f"{key.removeprefix('eval_')} of the global model", fontsize=10)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        fig.savefig(run / "metrics.png", dpi=100)
+        plt.close(fig)
+        out.append(run / "metrics.png")
+    name, eps = _epsilon_series(metrics)
+    finite = [(r, e) for r, e in eps if math.isfinite(e)]
+    if finite:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(*zip(*eps, strict=True), marker="o", markersize=3, color="tab:red")
+        ax.plot(*zip(*finite, strict=True), marker="o", markersize=3, color="tab:red")
+        if target_epsilon > 0:
+            ax.axhline(target_epsilon, color="black", linestyle="--", linewidth=1)
+            ax.annotate(
+                f"target {target_epsilon:g}",
+                (finite[0][0], target_epsilon),
+                textcoords="offset points",
+                xytext=(2, 3),
+                fontsize=8,
+            )
+            ax.set_ylim(0, max(target_epsilon, max(e for _, e in finite)) * 1.1)
         ax.set_xlabel("round")
-        ax.set_ylabel(f"epsilon ({name.removeprefix('epsilon_')})")
+        ax.set_ylabel(f"epsilon ({name})")
         ax.set_title("privacy spent")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -164,8 +244,58 @@ def write_plots(run_dir: str | Path, metrics: list[dict], metric: str) -> list[P
     return out
 
 
+def write_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """The picture users of DP want most: each run's metric against the epsilon it had spent,
+    one curve per run (its evaluation rounds), the last point marked. A run without noise
+    (epsilon = inf) is a horizontal line at its final metric."""
+    plt = _pyplot()
+    runs = [(Path(d), *load_run(d)) for d in run_dirs]
+    metrics_named = {summary["metric"] for _, _, _, summary in runs}
+    if len(metrics_named) > 1:
+        raise ValueError(
+            "the runs report different metrics (" + ", ".join(sorted(metrics_named)) + "): "
+            "compare runs of one task"
+        )
+    metric = metrics_named.pop()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    flat = []
+    for run, _config, metrics, summary in runs:
+        name, eps = _epsilon_series(metrics)
+        eps_at = dict(eps)
+        pts = [(eps_at[r], v) for r, v in _series(metrics, f"eval_{metric}") if r in eps_at]
+        finite = [(e, v) for e, v in pts if math.isfinite(e)]
+        label = f"{run.name} ({name})"
+        if finite:
+            (line,) = ax.plot(*zip(*finite, strict=True), marker="o", markersize=3, label=label)
+            ax.plot(*finite[-1], marker="*", markersize=12, color=line.get_color())
+        elif summary.get("final") and metric in summary["final"]:
+            flat.append((run.name, summary["final"][metric]))
+    for name, value in flat:
+        ax.axhline(value, linestyle=":", color="gray")
+        ax.annotate(
+            f"{name}: no noise (epsilon = inf)",
+            (0, value),
+            fontsize=8,
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("epsilon spent")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against privacy spent (star: end of run)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def report(run_dir: str | Path, plots: bool = True) -> tuple[list[str], list[Path]]:
     config, metrics, summary = load_run(run_dir)
     lines = statement_lines(config, summary)
-    paths = write_plots(run_dir, metrics, summary["metric"]) if plots else []
+    target = float(config.get("config", {}).get("target-epsilon", 0) or 0)
+    paths = write_plots(run_dir, metrics, summary["metric"], target) if plots else []
     return lines, paths

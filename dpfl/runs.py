@@ -7,6 +7,7 @@ whichever way it was started.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from dpfl.client.train import (
 from dpfl.config import RunConfig
 from dpfl.models.tasks import TASKS, ClassificationTask, Task
 from dpfl.privacy.accounting import EpsilonResult, PrivacyLedger
-from dpfl.privacy_plan import privacy_statement, resolve_noise, server_spec
+from dpfl.privacy_plan import NoisePlan, privacy_statement, resolve_noise, server_spec
 from dpfl.profiling import round_done, section
 from dpfl.server.round import (
     EventLog,
@@ -57,7 +58,10 @@ def build_task(cfg: RunConfig) -> Task:
     if cfg.task == "classification":
         return ClassificationTask(hidden=cfg.hidden_sizes, **norm)
     if cfg.task == "asr":
+        from dpfl.models.asr.text import CharTokenizer
+
         return TASKS["asr"](
+            tokenizer=CharTokenizer(cfg.alphabet),
             arch=cfg.asr_arch,
             size=cfg.asr_size,
             dropout=cfg.asr_dropout,
@@ -94,10 +98,20 @@ def scene_names(cfg: RunConfig) -> list[str]:
     return names
 
 
+SPEECH_SPLITS = {"commonvoice": ("train.tsv", "test.tsv")}
+"""The train and test split names of a speech format (LibriSpeech layout: train, test)."""
+
+
+def speech_splits(cfg: RunConfig) -> tuple[str, str]:
+    """The configured data-train and data-test, or the format's own names."""
+    train, test = SPEECH_SPLITS.get(cfg.data_format, ("train", "test"))
+    return cfg.data_train or train, cfg.data_test or test
+
+
 def speech_corpus(cfg: RunConfig):
     """(train utterances, test utterances) of the configured corpus, generating a synthetic one
-    on first use."""
-    from dpfl.simulations.speech import read_common_voice, read_librispeech
+    on first use. With test-split, the test utterances are held out of data-train."""
+    from dpfl.simulations.speech import hold_out, read_common_voice, read_librispeech
 
     if cfg.data_format == "synthetic":
         from dpfl.simulations.speech_synth import generate_corpus
@@ -110,13 +124,20 @@ def speech_corpus(cfg: RunConfig):
             test_speakers=cfg.synthetic_test_speakers,
             seed=cfg.seed,
         )
-    if cfg.data_format == "commonvoice":
-        return read_common_voice(cfg.data_dir, cfg.data_train), read_common_voice(
-            cfg.data_dir, cfg.data_test
+    read = read_common_voice if cfg.data_format == "commonvoice" else read_librispeech
+    train_name, test_name = speech_splits(cfg)
+    train = read(cfg.data_dir, train_name)
+    if cfg.test_split:
+        train, test = hold_out(train, cfg.test_split, cfg.test_fraction, cfg.seed)
+        log.info(
+            "test set: %d utterances held out of %s by %s (test-fraction %g)",
+            len(test),
+            train_name,
+            cfg.test_split,
+            cfg.test_fraction,
         )
-    return read_librispeech(cfg.data_dir, cfg.data_train), read_librispeech(
-        cfg.data_dir, cfg.data_test
-    )
+        return train, test
+    return train, read(cfg.data_dir, test_name)
 
 
 def build_dataset(cfg: RunConfig) -> FederatedDataset:
@@ -130,7 +151,11 @@ def build_dataset(cfg: RunConfig) -> FederatedDataset:
         train, test = speech_corpus(cfg)
         seed_speakers, _ = split_speakers(train, cfg.seed_speakers)
         dataset = SpeechFederatedDataset(
-            train, test, exclude=seed_speakers, max_test_utterances=cfg.max_test_utterances
+            train,
+            test,
+            tokenizer=build_task(cfg).tokenizer,
+            exclude=seed_speakers,
+            max_test_utterances=cfg.max_test_utterances,
         )
         if dataset.num_users != cfg.population:
             raise ValueError(
@@ -195,22 +220,59 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+CLIENT_STATE = "clients/state.pt"
+"""The simulated clients' own state (client-kept parameters), apart from the server's
+checkpoint: it identifies the users who trained, as a device's own disk would."""
+
+
 class RunWriter:
     """The run folder: ``config.toml``-like ``config.json``, ``metrics.jsonl``, ``summary.json``."""
 
-    def __init__(self, run_dir: str | Path, resume: bool = False, enabled: bool = True) -> None:
-        """``enabled = False``: a writer that reads but never writes (the other ranks of a
-        distributed simulation; rank 0 writes)."""
+    RUN_FILES = (
+        "metrics.jsonl",
+        "charges.jsonl",
+        "checkpoint.pt",
+        "summary.json",
+        "config.json",
+        "model.pt",
+        CLIENT_STATE,
+    )
+    """What a run leaves in its folder (a new run refuses to write over them)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        resume: bool = False,
+        enabled: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        """A new run (neither ``resume`` nor ``overwrite``) refuses a folder that holds a run:
+        nothing a user made is deleted without being asked. ``overwrite`` deletes that run's
+        files first. ``enabled = False``: a writer that reads but never writes (the other ranks
+        of a distributed simulation; rank 0 writes)."""
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.metrics_path = self.dir / "metrics.jsonl"
-        if not enabled:
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"config key run-dir = {str(run_dir)!r} is a file, not a folder")
+        if resume:
+            if not self.checkpoint_path.is_file():
+                raise ValueError(
+                    f"cannot resume: {self.dir} holds no checkpoint.pt (a run checkpoints with "
+                    "checkpoint-every > 0)"
+                )
             return
+        if not enabled:
+            return  # rank 0 checks (and may clear) the folder
+        found = [name for name in self.RUN_FILES if (self.dir / name).exists()]
+        if found and not overwrite:
+            raise ValueError(
+                f"the run folder {self.dir} already holds a run ({', '.join(found)}): continue it "
+                "with --resume, replace it with --overwrite, or choose another run-dir"
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for path in (self.metrics_path, self.charges_path):
-                if path.exists():
-                    path.unlink()
+        for name in found:
+            (self.dir / name).unlink()
 
     def write_config(self, cfg: RunConfig, extra: dict[str, Any]) -> None:
         if not self.enabled:
@@ -235,6 +297,19 @@ class RunWriter:
         if self.enabled:
             self.metrics_path.write_text("".join(line + "\n" for line in keep))
         return len(lines) - len(keep)
+
+    def initial_eval(self) -> dict[str, float] | None:
+        """The evaluation before training (the round-0 line), if the metrics file has it."""
+        if not self.metrics_path.exists():
+            return None
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("round") == 0:
+                return {k[5:]: v for k, v in row.items() if k.startswith("eval_")} or None
+        return None
 
     @property
     def charges_path(self) -> Path:
@@ -306,10 +381,6 @@ Collect = Callable[[int, np.ndarray, Weights, RoundAggregator], dict[str, Any]]
 # Rank 0's value of an object on every rank (torchrun); the identity in one process.
 Share = Callable[[Any], Any]
 
-CLIENT_STATE = "clients/state.pt"
-"""The simulated clients' own state (client-kept parameters), apart from the server's
-checkpoint: it identifies the users who trained, as a device's own disk would."""
-
 
 def _alone(value: Any) -> Any:
     return value
@@ -329,16 +400,21 @@ class FederatedRun:
         primary: bool = True,
         ranks: int = 1,
         share: Share | None = None,
+        overwrite: bool = False,
     ) -> None:
-        """``primary = False``: another rank of a distributed simulation (of ``ranks``), which
-        runs the rounds but neither evaluates nor writes the run folder; ``share`` gives every
-        rank rank 0's cohorts, decisions and ledger."""
+        """``resume``: continue from the run folder's checkpoint (only ``rounds`` may differ
+        from its config: an extension); ``overwrite``: replace the run the folder holds (a new
+        run refuses such a folder). ``primary = False``: another rank of a distributed
+        simulation (of ``ranks``), which runs the rounds but neither evaluates nor writes the
+        run folder; ``share`` gives every rank rank 0's cohorts, decisions and ledger."""
         self.started = time.perf_counter()
         self.ranks = ranks
         self.cfg = cfg
         self.primary = primary
         self.share = share or _alone
-        self.writer = RunWriter(cfg.run_dir, resume=resume, enabled=primary)
+        self.writer = RunWriter(cfg.run_dir, resume=resume, enabled=primary, overwrite=overwrite)
+        # On resume: the checkpoint, checked against this config before anything is built.
+        self.prior = self._read_checkpoint() if resume else None
         torch.manual_seed(cfg.seed)  # the initial model
         self.device = pick_device(cfg)
         self.task = build_task(cfg)
@@ -347,7 +423,25 @@ class FederatedRun:
         if cfg.init_model:
             load_model_file(self.model, cfg.init_model)
         self.test_data = self.dataset.test_data()
-        self.noise = resolve_noise(cfg)
+        # A resumed run keeps the noise it started with: an extension of its rounds is never
+        # recalibrated (that would spend the old rounds' budget again at a lower noise).
+        self.noise = (
+            NoisePlan(**self.prior["noise"])
+            if self.prior is not None and "noise" in self.prior
+            else resolve_noise(cfg)
+        )
+        self.rounds_planned: list[int] = (
+            list(self.prior.get("rounds_planned", [self.prior["config"]["rounds"]]))
+            if self.prior is not None
+            else [cfg.rounds]
+        )
+        if self.rounds_planned[-1] != cfg.rounds:
+            self.rounds_planned.append(cfg.rounds)
+        self.initial: dict[str, float] | None = (
+            self.prior.get("initial") if self.prior is not None else None
+        )
+        # Evaluation on held-out utterances of the federated speakers uses users' data.
+        self.eval_on_user_data = cfg.task == "asr" and cfg.test_split == "utterance"
         self.spec = server_spec(cfg, self.noise)
         # Cohorts come from their own secret key (never from `seed`), or from sampling-seed.
         self.sampler = (
@@ -381,6 +475,7 @@ class FederatedRun:
                 "count_noise_multiplier": self.noise.count_noise_multiplier,
                 "charged_noise_multiplier": self.noise.effective,
                 "noise_calibrated": self.noise.calibrated,
+                "rounds_planned": self.rounds_planned,
                 "delta": self.spec.delta,
                 "device": str(self.device),
             },
@@ -391,10 +486,46 @@ class FederatedRun:
         """Whether logs may name the users of a round: only when the cohorts are not secret."""
         return not self.sampler.secure
 
-    def _resume(self) -> None:
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """The run folder's checkpoint, if its config matches this one. Only ``rounds`` may
+        differ, and only grow: that extends the run (same noise, same ledger, same budget)."""
         ckpt = load_checkpoint(self.writer.checkpoint_path)
-        if ckpt["config"] != self.cfg.to_dict():
-            raise ValueError("the run folder's checkpoint was written with a different config")
+        old, new = ckpt["config"], self.cfg.to_dict()
+        defaults = {key: default for key, default, _ in RunConfig.describe_defaults()}
+        changed = [
+            key for key in new if old.get(key, defaults[key]) != new[key] and key != "rounds"
+        ] + [key for key in old if key not in new]
+        if changed:
+            shown = "; ".join(
+                f"{key}: {old.get(key, defaults.get(key))!r} -> {new.get(key, '(gone)')!r}"
+                for key in changed
+            )
+            raise ValueError(
+                f"cannot resume {self.cfg.run_dir}: its checkpoint was written with a different "
+                f"config ({shown}); only rounds may change, to extend the run"
+            )
+        done = ckpt["server"]["round"]
+        if new["rounds"] != old["rounds"]:
+            if new["rounds"] < max(old["rounds"], done):
+                raise ValueError(
+                    f"config key rounds = {new['rounds']}: a resumed run can extend its "
+                    f"{old['rounds']} planned rounds, not shorten them"
+                )
+            if "noise" not in ckpt and self.cfg.dp_enabled:
+                raise ValueError(
+                    "cannot extend this run: its checkpoint does not record the noise it "
+                    "started with (written by an older dpfl)"
+                )
+            log.info(
+                "extending the run from %d to %d planned rounds (noise kept: z is not "
+                "recalibrated; the budget stop still applies)",
+                old["rounds"],
+                new["rounds"],
+            )
+        return ckpt
+
+    def _resume(self) -> None:
+        ckpt = self.prior
         self.state.load_state_dict(ckpt["server"])
         clients = Path(self.cfg.run_dir) / CLIENT_STATE
         if self.private and clients.exists():
@@ -474,7 +605,7 @@ class FederatedRun:
 
     def _eval_metrics(self, values: dict[str, float]) -> dict[str, Any]:
         out: dict[str, Any] = {f"eval_{k}": v for k, v in values.items()}
-        if values and self.eval_uses_private:
+        if values and (self.eval_uses_private or self.eval_on_user_data):
             out["eval_non_private"] = 1  # computed with per-user private state: a diagnostic
         return out
 
@@ -598,8 +729,16 @@ class FederatedRun:
     def _checkpoint(self) -> None:
         cfg, state = self.cfg, self.state
         save_checkpoint(
-            self.writer.checkpoint_path, {"config": cfg.to_dict(), "server": state.state_dict()}
+            self.writer.checkpoint_path,
+            {
+                "config": cfg.to_dict(),
+                "server": state.state_dict(),
+                "noise": dataclasses.asdict(self.noise),
+                "initial": self.initial,
+                "rounds_planned": self.rounds_planned,
+            },
         )
+        self.checkpointed = state.round
         if self.private:
             path = Path(cfg.run_dir) / CLIENT_STATE
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -608,16 +747,21 @@ class FederatedRun:
     def run(self, collect: Collect, *, stop_after_round: int | None = None) -> dict[str, Any]:
         """Run the remaining rounds; ``stop_after_round`` ends early, as if the process stopped."""
         cfg, state = self.cfg, self.state
-        initial = self.evaluate() if state.round == 0 else None
-        if initial is not None:
-            self.writer.append({"round": 0, **self._eval_metrics(initial)})
+        if state.round == 0:
+            self.initial = self.evaluate()
+            self.writer.append({"round": 0, **self._eval_metrics(self.initial)})
+        if self.initial is None and state.round > 0:
+            self.initial = self.writer.initial_eval()  # a checkpoint from an older dpfl
+        initial = self.initial  # a resumed run keeps the first run's
         last_eval: dict[str, float] = initial or {}
-        stopped_for_budget = False
+        self.checkpointed = state.round if self.prior is not None else -1
+        stopped_for_budget = crashed = False
         round_times: list[float] = []
         bar = _Progress(self.progress, cfg.rounds, state.round)
         try:
             while state.round < cfg.rounds:
                 if stop_after_round is not None and state.round >= stop_after_round:
+                    crashed = True  # as if the process stopped here: no final checkpoint
                     break
                 t0 = time.perf_counter()
                 round_number = state.round + 1
@@ -640,6 +784,13 @@ class FederatedRun:
                 round_done(time.perf_counter() - t0)
         finally:
             bar.close()
+        if (
+            cfg.checkpoint_every
+            and self.primary
+            and not crashed
+            and self.checkpointed != state.round
+        ):
+            self._checkpoint()  # the end too, so a finished run can be extended
         statement = privacy_statement(
             cfg,
             self.spec,
@@ -647,6 +798,7 @@ class FederatedRun:
             state.noise.label,
             state.round,
             self.sampler.label,
+            rounds_planned=self.rounds_planned,
         )
         summary = {
             "rounds_run": state.round,
@@ -668,6 +820,12 @@ class FederatedRun:
                 "eval_* metrics were computed with per-user private state (client-kept "
                 "parameters or statistics trained on un-noised user data): non-private "
                 "diagnostics, not covered by the DP guarantee"
+            )
+        elif self.eval_on_user_data:
+            summary["evaluation_note"] = (
+                "eval_* metrics were computed on utterances held out of the federated users' "
+                "own data (test-split = 'utterance'): non-private diagnostics, not covered by "
+                "the DP guarantee (test-split = 'speaker' keeps users' data out of the test set)"
             )
         self.writer.write_summary(summary)
         self.writer.write_model(state.weights())

@@ -245,7 +245,9 @@ def test_simulate_and_report_commands(tmp_path, capsys):
     assert "add/remove one user" in out and "delta:" in out and "under rdp" in out
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "epsilon (extrapolated, not actual" in out and (run / "metric.png").stat().st_size > 1000
+    assert (
+        "epsilon (extrapolated, not actual" in out and (run / "metrics.png").stat().st_size > 1000
+    )
     assert (run / "epsilon.png").exists()
 
 
@@ -257,7 +259,7 @@ def test_simulate_and_report_commands(tmp_path, capsys):
         (["simulate", "--cohort-size", "5000"], "cohort-size = 5000.0: expected a number in"),
         (["simulate", "--config", "/nonexistent.toml"], "does not exist"),
         (["central"], "dpfl central trains speech seed models"),
-        (["report", "/nonexistent-run"], "is not a finished dpfl run"),
+        (["report", "/nonexistent-run"], "/nonexistent-run does not exist"),
     ],
 )
 def test_run_commands_reject_bad_input_in_one_line(capsys, argv, needle):
@@ -275,7 +277,7 @@ def test_audit_command(capsys):
     (r,) = json.loads(capsys.readouterr().out)
     assert r["mode"] == "no-noise" and r["epsilon_lower_bound"] > r["claimed_epsilon"]
     assert main(["audit", "--trials", "200", "--modes", "off"]) == 2
-    assert "unknown audit mode 'off'" in capsys.readouterr().err
+    assert "--modes: unknown off; choose from correct, no-noise, no-clip" in capsys.readouterr().err
 
 
 def test_simulate_profile_prints_a_per_round_breakdown(tmp_path, capsys):

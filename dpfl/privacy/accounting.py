@@ -271,6 +271,23 @@ def _grouped(segments: Iterable[Segment]) -> list[Segment]:
     return [Segment(z, q, t) for (z, q), t in steps.items()]
 
 
+SLACK_NOTE_RATIO = 0.1
+"""An accountant's error bound is noted beside epsilon once it reaches this share of it."""
+
+
+def slack_note(accountant: str, eps: float) -> str | None:
+    """PRV's upper bound carries up to ``PRV_EPS_ERROR`` of absolute slack: at small epsilon
+    that slack is a large part of the figure (it can read above RDP's), so say so."""
+    if accountant != "prv" or eps > PRV_EPS_ERROR / SLACK_NOTE_RATIO:
+        return None
+    share = PRV_EPS_ERROR / eps if eps > 0 else math.inf
+    return (
+        f"PRV's error bound (+-{PRV_EPS_ERROR:g} absolute, included in this upper bound) is "
+        + (f"{share:.0%} of epsilon" if math.isfinite(share) else "larger than epsilon")
+        + ": at this size compare rdp and pld"
+    )
+
+
 def epsilon_for_segments(
     segments: Sequence[Segment],
     delta: float,
@@ -297,7 +314,8 @@ def epsilon_for_segments(
         reason = _refusal(segments, delta, accountant)
         if reason is None:
             compute = _prv_epsilon if accountant == "prv" else _pld_epsilon
-            return EpsilonResult(compute(segments, delta), delta, accountant, accountant)
+            eps = compute(segments, delta)
+            return EpsilonResult(eps, delta, accountant, accountant, slack_note(accountant, eps))
         if not fallback:
             raise AccountantRangeError(reason + "; use the rdp accountant")
         prefix = f"{reason}; fell back to rdp: "

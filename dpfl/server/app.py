@@ -3,7 +3,8 @@
 The run configuration is Flower's run config (``[tool.flwr.app.config]`` in pyproject.toml,
 overridden with ``flwr run . <federation> --run-config "key=value ..."``); the keys are the same as
 ``dpfl simulate``'s. Results go to the ``run-dir`` folder (give an absolute path: the ServerApp
-runs in its own process on the SuperLink's machine).
+runs in its own process on the SuperLink's machine). A folder that already holds a run is refused
+unless the run config sets ``overwrite = true``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def main(grid: Grid, context: Context) -> None:
     if not logger.handlers:  # dpfl's own messages, without turning on every library's INFO
         logger.addHandler(logging.StreamHandler())
         logger.setLevel(logging.INFO)
-    cfg = RunConfig.from_mapping(dict(context.run_config))
+    values = dict(context.run_config)
+    overwrite = bool(values.pop("overwrite", False))
+    cfg = RunConfig.from_mapping(values)
     registry = load_node_registry(cfg.node_registry, cfg.population) if cfg.node_registry else None
     user_nodes = discover_users(
         grid,
@@ -36,5 +39,5 @@ def main(grid: Grid, context: Context) -> None:
     )
     if not user_nodes:
         raise RuntimeError("no node answered: nothing to train on")
-    strategy = DPFedAvg(cfg, user_nodes)
+    strategy = DPFedAvg(cfg, user_nodes, overwrite=overwrite)
     strategy.start(grid)

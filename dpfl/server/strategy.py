@@ -174,8 +174,11 @@ or the cohorts (reproducible mode), or learn the binding of nodes to users."""
 class DPFedAvg(Strategy):
     """Flower's side of a dpfl round: cohort messages out, validated updates in."""
 
-    def __init__(self, cfg: RunConfig, user_nodes: dict[int, int]) -> None:
+    def __init__(
+        self, cfg: RunConfig, user_nodes: dict[int, int], *, overwrite: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.overwrite = overwrite  # replace a run that run-dir already holds
         self.name_users = False  # the run's (public cohorts only) once start() has made it
         self.user_nodes = user_nodes
         self.node_users = {node: user for user, node in user_nodes.items()}
@@ -334,7 +337,7 @@ class DPFedAvg(Strategy):
         from dpfl.runs import FederatedRun
 
         self.summary()
-        run = FederatedRun(self.cfg, progress=False)
+        run = FederatedRun(self.cfg, progress=False, overwrite=self.overwrite)
         self.name_users = run.name_users
         summary = run.run(self.collector(grid))
         result = Result()

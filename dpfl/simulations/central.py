@@ -24,9 +24,10 @@ from dpfl.runs import RunWriter, build_task, load_model_file, pick_device, speec
 log = logging.getLogger(__name__)
 
 
-def train_central(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train on the seed speakers for ``central-steps`` steps; write ``model.pt`` and a summary
-    to ``run-dir``; return the summary."""
+    to ``run-dir`` (an existing run there is refused unless ``overwrite``); return the
+    summary."""
     from dpfl.simulations.speech import SpeechFederatedDataset, split_speakers
 
     if cfg.task != "asr":
@@ -34,10 +35,15 @@ def train_central(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.seed_speakers < 1:
         raise ValueError("config key seed-speakers must be >= 1 to train a seed model")
     started = time.perf_counter()
-    writer = RunWriter(cfg.run_dir)
+    writer = RunWriter(cfg.run_dir, overwrite=overwrite)
     train, test = speech_corpus(cfg)
     seed_speakers, _ = split_speakers(train, cfg.seed_speakers)
-    dataset = SpeechFederatedDataset(train, test, max_test_utterances=cfg.max_test_utterances)
+    dataset = SpeechFederatedDataset(
+        train,
+        test,
+        tokenizer=build_task(cfg).tokenizer,
+        max_test_utterances=cfg.max_test_utterances,
+    )
     data = dataset.pooled_data(seed_speakers)
     test_data = dataset.test_data()
     torch.manual_seed(cfg.seed)

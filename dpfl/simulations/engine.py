@@ -34,17 +34,21 @@ def simulate(
     cfg: RunConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     stop_after_round: int | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` in process, writing metrics and a summary to ``cfg.run_dir``; return the
-    summary. ``resume`` continues from the run folder's ``checkpoint.pt``; ``stop_after_round``
-    ends the run early (as if the process stopped there), for tests of resumption.
+    summary. ``resume`` continues from the run folder's ``checkpoint.pt`` (a larger ``rounds``
+    extends the run); ``overwrite`` replaces a run the folder holds (refused otherwise);
+    ``stop_after_round`` ends the run early (as if the process stopped there), for tests of
+    resumption.
     """
     group = distributed.join(cfg)  # None unless launched by torchrun with several ranks
     run = FederatedRun(
         cfg,
         resume=resume,
+        overwrite=overwrite,
         progress=progress,
         primary=group is None or group.primary,
         ranks=1 if group is None else group.size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 
 from dpfl.models.asr.models import SAMPLE_RATE
-from dpfl.models.asr.text import CharTokenizer
+from dpfl.models.asr.text import CharTokenizer, TextStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,12 @@ def read_librispeech(root: str | Path, subset: str) -> list[Utterance]:
 
 
 def read_common_voice(root: str | Path, tsv: str = "train.tsv") -> list[Utterance]:
-    """The utterances listed in ``root/tsv``, audio under ``root/clips``."""
+    """The utterances listed in ``root/tsv`` (``.tsv`` may be left out), audio under
+    ``root/clips``."""
     root = Path(root)
     table = root / tsv
+    if not table.is_file() and table.suffix != ".tsv":
+        table = root / f"{tsv}.tsv"
     if not table.is_file():
         raise FileNotFoundError(f"Common Voice table {table} does not exist")
     out = []
@@ -162,11 +168,23 @@ class SpeechFederatedDataset:
         max_test_utterances: int = 0,
     ) -> None:
         self.tokenizer = tokenizer or CharTokenizer()
+        excluded = set(exclude)
+        utterances = [u for u in utterances if u.speaker not in excluded]
+        # What the alphabet loses is counted once, here, and said: a corpus in another language
+        # would otherwise lose characters without a word. Empty transcripts are left out (CTC
+        # would learn to say nothing for speech).
+        self.text_stats = TextStats()
+        utterances = [u for u in utterances if self.tokenizer.normalize(u.text, self.text_stats)]
+        self.test_text_stats = TextStats()
+        test = [u for u in test if self.tokenizer.normalize(u.text, self.test_text_stats)]
+        for name, stats in (("training", self.text_stats), ("test", self.test_text_stats)):
+            line = stats.summary(self.tokenizer.name)
+            if line:
+                log.warning("%s corpus: %s", name, line)
         by_speaker: dict[str, list[Utterance]] = {}
         for u in utterances:
             by_speaker.setdefault(u.speaker, []).append(u)
-        excluded = set(exclude)
-        self.speakers = sorted(s for s in by_speaker if s not in excluded)
+        self.speakers = sorted(by_speaker)
         self._by_speaker = by_speaker
         self._test = list(test)
         if max_test_utterances > 0 and len(self._test) > max_test_utterances:
@@ -218,6 +236,53 @@ class SpeechFederatedDataset:
 
     def test_data(self) -> SpeechData:
         return self._test_data
+
+
+def hold_out(
+    utterances: Sequence[Utterance], by: str, fraction: float, seed: int = 0
+) -> tuple[list[Utterance], list[Utterance]]:
+    """(train, test) for a corpus without a test set.
+
+    ``by = "speaker"``: a ``fraction`` of the speakers (at least one) becomes the test set and
+    leaves the federation, so the test set holds no federated user's data. ``by = "utterance"``:
+    about ``fraction`` of every speaker's utterances (each speaker keeps at least one to train
+    on); the test set is then users' data, and an evaluation on it is not covered by DP.
+    The choice is random but fixed by ``seed``.
+    """
+    if by not in ("speaker", "utterance"):
+        raise ValueError(f"test-split must be 'speaker' or 'utterance', got {by!r}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"test-fraction must be in (0, 1), got {fraction!r}")
+    rng = np.random.default_rng([int(seed), 17])
+    speakers = sorted({u.speaker for u in utterances})
+    if by == "speaker":
+        if len(speakers) < 2:
+            raise ValueError(
+                f"test-split = 'speaker' needs 2 or more speakers, got {len(speakers)}"
+            )
+        count = min(len(speakers) - 1, max(1, round(fraction * len(speakers))))
+        chosen = {speakers[i] for i in rng.choice(len(speakers), count, replace=False)}
+        return (
+            [u for u in utterances if u.speaker not in chosen],
+            [u for u in utterances if u.speaker in chosen],
+        )
+    by_speaker: dict[str, list[int]] = {}
+    for i, u in enumerate(utterances):
+        by_speaker.setdefault(u.speaker, []).append(i)
+    test_ids: set[int] = set()
+    for speaker in speakers:
+        own = by_speaker[speaker]
+        count = min(len(own) - 1, round(fraction * len(own)))
+        test_ids.update(own[i] for i in rng.choice(len(own), count, replace=False))
+    if not test_ids:
+        raise ValueError(
+            f"test-split = 'utterance' with test-fraction {fraction:g} holds out no utterance: "
+            "the speakers have too few; raise test-fraction or use test-split = 'speaker'"
+        )
+    return (
+        [u for i, u in enumerate(utterances) if i not in test_ids],
+        [u for i, u in enumerate(utterances) if i in test_ids],
+    )
 
 
 def split_speakers(utterances: Sequence[Utterance], first: int) -> tuple[list[str], list[str]]:

@@ -130,7 +130,7 @@ def test_server_side_clipping_and_no_dp_runs(tmp_path):
 @pytest.mark.parametrize(
     "values, match",
     [
-        ({"lerning-rate": 1}, "unknown config key 'lerning-rate'; known keys: "),
+        ({"lerning-rate": 1}, "unknown config key 'lerning-rate'"),
         ({"cohort-size": 500}, r"cohort-size = 500.*\(0, population = 300\]"),
         ({"server-optimizer": "adamm"}, "server-optimizer = 'adamm': expected one of adagrad"),
         ({"clip-scheme": "layer"}, "expected one of flat, uniform, dim"),
@@ -201,7 +201,7 @@ def test_by_default_no_exact_count_is_released_and_the_report_still_works(tmp_pa
         assert not extra, extra  # no accepted, replies, failed, dropped, cohort, ...
     assert all("noisy_accepted" in r for r in rows[1:])  # what the decision was made on
     lines, paths = report(c.run_dir)
-    assert {p.name for p in paths} == {"metric.png", "epsilon.png"}
+    assert {p.name for p in paths} == {"metrics.png", "epsilon.png"}
     assert any(line.startswith("count:") for line in lines)
     p = summary["privacy"]
     assert p["count_noise_multiplier"] == pytest.approx(10 * p["noise_multiplier"])

@@ -175,3 +175,22 @@ def test_population_must_match_the_corpus(asr_corpus, tmp_path):
 
     with pytest.raises(ValueError, match="set population = 8"):
         build_dataset(asr_config(asr_corpus, tmp_path, population=9))
+
+
+def test_common_voice_without_a_test_table_holds_out_speakers(common_voice, tmp_path):
+    """A corpus with no test split: test-split holds speakers out instead of pointing the test
+    set at the training data; the defaults of data-train/data-test fit Common Voice."""
+    from dpfl.runs import speech_corpus
+
+    corpus = tmp_path / "cv"
+    shutil.copytree(common_voice, corpus)
+    (corpus / "test.tsv").unlink()
+    keys = {"task": "asr", "data-format": "commonvoice", "data-dir": str(corpus)}
+    with pytest.raises(FileNotFoundError, match="test.tsv"):
+        speech_corpus(RunConfig.from_mapping({**keys, "population": 3, "cohort-size": 1.0}))
+    cfg = RunConfig.from_mapping(
+        {**keys, "population": 2, "cohort-size": 1.0, "test-split": "speaker"}
+    )
+    train, test = speech_corpus(cfg)
+    assert len({u.speaker for u in train}) == 2 and len({u.speaker for u in test}) == 1
+    assert not {u.speaker for u in train} & {u.speaker for u in test}
