@@ -378,12 +378,16 @@ def calibrate_noise_multiplier(
     if not 0 < rel_tol < 0.5:
         raise ValueError(f"rel_tol must be in (0, 0.5), got {rel_tol!r}")
 
+    seen: dict[float, float | None] = {}  # the search revisits its bracket's ends
+
     def eps(z: float) -> float | None:
         """Epsilon at z, or None where the accountant refuses z (only ever below some z)."""
-        try:
-            return epsilon_for_segments([Segment(z, q, rounds)], delta, accountant).epsilon
-        except AccountantRangeError:
-            return None
+        if z not in seen:
+            try:
+                seen[z] = epsilon_for_segments([Segment(z, q, rounds)], delta, accountant).epsilon
+            except AccountantRangeError:
+                seen[z] = None
+        return seen[z]
 
     def meets(e: float | None) -> bool:
         return e is not None and e <= target

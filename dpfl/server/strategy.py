@@ -84,19 +84,26 @@ def discover_users(
 ) -> dict[int, int]:
     """Map user id -> node id by asking every node which user it holds (a QUERY message).
 
-    Waits up to ``timeout`` seconds for ``expected`` nodes to connect, then asks them all.
+    Waits up to ``timeout`` seconds for ``expected`` nodes to connect (with a registry: for the
+    registered ones, at most as many as it lists), then asks them all.
     With a ``registry`` (node id -> user, see :func:`load_node_registry`) a node counts only if
     the registry lists it and its claim agrees with it; without one, a claim must name a user in
     ``0 .. population - 1``. Nodes that fail either check are refused (logged, never sampled);
     when several nodes claim one user, all of them are dropped: none can be told genuine.
     """
     deadline = time.monotonic() + timeout
+    if registry is not None:  # only registered nodes can take part: wait for those alone
+        expected = min(expected, len(registry))
+
+    def counted(ids: list[int]) -> int:
+        return len(ids) if registry is None else sum(node in registry for node in ids)
+
     node_ids = list(grid.get_node_ids())
-    while len(node_ids) < expected and time.monotonic() < deadline:
+    while counted(node_ids) < expected and time.monotonic() < deadline:
         time.sleep(0.5)
         node_ids = list(grid.get_node_ids())
-    if len(node_ids) < expected:
-        log.warning("only %d of %d expected nodes connected", len(node_ids), expected)
+    if counted(node_ids) < expected:
+        log.warning("only %d of %d expected nodes connected", counted(node_ids), expected)
     if registry is not None:
         for node in node_ids:
             if node not in registry:

@@ -111,6 +111,22 @@ def test_a_node_registry_binds_users_to_authenticated_nodes(tmp_path, caplog):
     assert "node 12 claims user 0, but the node registry binds it to user 2" in caplog.text
 
 
+def test_with_a_registry_discovery_waits_only_for_the_registered_nodes(monkeypatch):
+    """A population of 3 with one registered node: nothing more can join, so discovery asks at
+    once instead of waiting out the timeout for nodes that would be refused anyway."""
+    from dpfl.server import strategy
+
+    slept = []
+    monkeypatch.setattr(strategy.time, "sleep", slept.append)
+    grid = QueryGrid({10: 0, 13: 2})  # 13 is connected but not registered
+    users = strategy.discover_users(grid, expected=3, timeout=600, population=3, registry={10: 0})
+    assert users == {0: 10} and slept == []
+    waiting = QueryGrid({13: 2})  # the registered node is not there yet: discovery waits for it
+    monkeypatch.setattr(strategy.time, "monotonic", iter(range(0, 10**6, 100)).__next__)
+    strategy.discover_users(waiting, expected=3, timeout=600, population=3, registry={10: 0})
+    assert len(slept) == 5
+
+
 @pytest.mark.parametrize(
     "text, match",
     [

@@ -26,7 +26,8 @@ def test_client_kept_statistics_cost_nothing_for_users_never_sampled(tmp_path):
     assert not any("running" in n for n in saved)  # the server never held them
     # the simulated clients' own state lives apart from the server's checkpoint, which holds
     # no per-user entry (nothing in it tells who trained)
-    assert set(load_checkpoint(tmp_path / "client" / "checkpoint.pt")) == {"config", "server"}
+    checkpoint = load_checkpoint(tmp_path / "client" / "checkpoint.pt")
+    assert set(checkpoint) == {"config", "server", "noise", "initial", "rounds_planned"}
     store = load_checkpoint(tmp_path / "client" / "clients" / "state.pt")
     assert 0 < len(store) < cfg.population  # only users that were sampled
     for stats in store.values():
@@ -58,7 +59,7 @@ def test_server_aggregated_statistics_are_averaged_not_optimised(tmp_path):
     noise_sd = metrics["noise_std_average"]
     expected = 0.01 / run.spec.expected_cohort
     assert (moved - expected).abs().max() < 6 * noise_sd
-    summary = simulate(cfg, progress=False)
+    summary = simulate(cfg, progress=False, overwrite=True)  # the hand-made round's folder
     saved = torch.load(tmp_path / "server" / "model.pt", weights_only=True)
     assert {"1.layer.running_mean", "1.layer.running_var"} <= set(saved)
     assert summary["rounds_run"] == 3
