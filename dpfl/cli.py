@@ -87,9 +87,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now (it may be replaced after set-up)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr
@@ -379,16 +376,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
             row["refused"] = f"{name} failed: {type(err).__name__}: {err}"
         row["seconds"] = time.perf_counter() - t0
         if plan["delta_warning"] and "refused" not in row:
-            row["note"] = "; ".join(
-                x
-                for x in (
-                    row.get("note"),
-                    "WARNING: delta >= 1/population"
-                    if plan["population"]
-                    else "WARNING: large delta",
-                )
-                if x
-            )
+            flag = "WARNING: " + ("delta >= 1/population" if plan["population"] else "large delta")
+            row["note"] = f"{row['note']}; {flag}" if row.get("note") else flag
         report["accountants"].append(row)
     if settings is not None:
         sigma_dp = plan["sigma_dp"]

@@ -21,8 +21,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict], dict]:
     if not run.exists():
         raise ValueError(f"{run} does not exist: give a run folder (run-dir of a dpfl run)")
     if not run.is_dir():
-        hint = f" (its folder {run.parent} may be)" if run.name in _RUN_FILES else ""
-        raise ValueError(f"{run} is a file, not a run folder{hint}")
+        raise ValueError(f"{run} is a file, not a run folder (give the folder it is in)")
     try:
         config = json.loads((run / "config.json").read_text())
         summary = json.loads((run / "summary.json").read_text())
@@ -34,9 +33,6 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict], dict]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{run}: unreadable run file: {err}") from None
     return config, metrics, summary
-
-
-_RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt")
 
 
 def _num(v: Any) -> float:

@@ -146,6 +146,7 @@ def build_dataset(cfg: RunConfig) -> FederatedDataset:
             num_users=cfg.population, examples_per_user=cfg.examples_per_user, seed=cfg.seed
         )
     if cfg.task == "asr":
+        from dpfl.models.asr.text import CharTokenizer
         from dpfl.simulations.speech import SpeechFederatedDataset, split_speakers
 
         train, test = speech_corpus(cfg)
@@ -153,7 +154,8 @@ def build_dataset(cfg: RunConfig) -> FederatedDataset:
         dataset = SpeechFederatedDataset(
             train,
             test,
-            tokenizer=build_task(cfg).tokenizer,
+            tokenizer=CharTokenizer(cfg.alphabet),
+            test_from_users=cfg.test_split == "utterance",
             exclude=seed_speakers,
             max_test_utterances=cfg.max_test_utterances,
         )
@@ -440,8 +442,8 @@ class FederatedRun:
         self.initial: dict[str, float] | None = (
             self.prior.get("initial") if self.prior is not None else None
         )
-        # Evaluation on held-out utterances of the federated speakers uses users' data.
-        self.eval_on_user_data = cfg.task == "asr" and cfg.test_split == "utterance"
+        # A test set drawn from the federated users' own data (held-out utterances).
+        self.eval_on_user_data = getattr(self.dataset, "test_from_users", False)
         self.spec = server_spec(cfg, self.noise)
         # Cohorts come from their own secret key (never from `seed`), or from sampling-seed.
         self.sampler = (

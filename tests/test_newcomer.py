@@ -233,12 +233,15 @@ def test_every_argument_of_every_subcommand_has_help():
     assert "95%" in audit_help and "%%" not in audit_help
 
 
-def test_audit_checks_every_mode_before_any_work(capsys):
-    started = time.perf_counter()
-    assert main(["audit", "--modes", "correct,no-nosie", "--trials", "100000"]) == 2
+def test_audit_checks_every_mode_before_any_work(capsys, monkeypatch):
+    import dpfl.privacy.audit as audit
+
+    ran = []
+    monkeypatch.setattr(audit, "run_audit", lambda *args: ran.append(args))
+    assert main(["audit", "--modes", "correct,no-nosie"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "no-nosie" in err and "did you mean 'no-noise'" in err
-    assert time.perf_counter() - started < 5  # no audit ran (100,000 trials would take minutes)
+    assert ran == []  # the valid mode listed first did not run either
 
 
 def test_report_plots_every_metric_the_target_and_compares_runs(tmp_path, capsys):

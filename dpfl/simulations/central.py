@@ -28,6 +28,7 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
     """Train on the seed speakers for ``central-steps`` steps; write ``model.pt`` and a summary
     to ``run-dir`` (an existing run there is refused unless ``overwrite``); return the
     summary."""
+    from dpfl.models.asr.text import CharTokenizer
     from dpfl.simulations.speech import SpeechFederatedDataset, split_speakers
 
     if cfg.task != "asr":
@@ -41,7 +42,7 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
     dataset = SpeechFederatedDataset(
         train,
         test,
-        tokenizer=build_task(cfg).tokenizer,
+        tokenizer=CharTokenizer(cfg.alphabet),
         max_test_utterances=cfg.max_test_utterances,
     )
     data = dataset.pooled_data(seed_speakers)

@@ -166,7 +166,11 @@ class SpeechFederatedDataset:
         exclude: Sequence[str] = (),
         cache_users: int = 64,
         max_test_utterances: int = 0,
+        test_from_users: bool = False,
     ) -> None:
+        """``test_from_users``: the test utterances were held out of the federated speakers'
+        own (an evaluation on them is then not covered by the DP guarantee)."""
+        self.test_from_users = test_from_users
         self.tokenizer = tokenizer or CharTokenizer()
         excluded = set(exclude)
         utterances = [u for u in utterances if u.speaker not in excluded]

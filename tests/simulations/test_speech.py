@@ -194,3 +194,9 @@ def test_common_voice_without_a_test_table_holds_out_speakers(common_voice, tmp_
     train, test = speech_corpus(cfg)
     assert len({u.speaker for u in train}) == 2 and len({u.speaker for u in test}) == 1
     assert not {u.speaker for u in train} & {u.speaker for u in test}
+    from dpfl.runs import build_dataset
+
+    over = {"population": 3, "cohort-size": 1.0, "test-split": "utterance", "test-fraction": 0.5}
+    dataset = build_dataset(RunConfig.from_mapping({**keys, **over}))
+    assert dataset.test_from_users and len(dataset.test_data()) == 3  # one of each speaker's two
+    assert not build_dataset(cfg).test_from_users  # held-out speakers are not federated users
