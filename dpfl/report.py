@@ -206,10 +206,17 @@ def write_plots(
             if key == "diag_train_loss":
                 ax.set_title("clients' training loss (non-private diagnostic)", fontsize=9)
             else:
-                ax.set_title(f"{key.removeprefix('eval_')} of the global model", fontsize=10)
+                ax.set_title(key.removeprefix("eval_"), fontsize=10)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(panels) :]:
             ax.set_visible(False)
+        private = any(m.get("eval_non_private") for m in metrics)
+        fig.suptitle(
+            "evaluation with per-user private state or users' data: NON-PRIVATE diagnostics"
+            if private
+            else "evaluation of the global model",
+            fontsize=10,
+        )
         fig.tight_layout()
         fig.savefig(run / "metrics.png", dpi=100)
         plt.close(fig)
