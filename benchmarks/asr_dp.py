@@ -26,9 +26,9 @@ from pathlib import Path
 
 from dpfl.config import RunConfig
 from dpfl.privacy.accounting import extrapolate
-from dpfl.simulations.central import train_central
-from dpfl.simulations.engine import simulate
-from dpfl.simulations.speech_synth import generate_corpus
+from dpfl.recipes.asr.central import train_central
+from dpfl.recipes.asr.synth import generate_corpus
+from dpfl.simulation import simulate
 
 PAPER_SETTINGS = [(204_800, 6_950_600), (204_800, 69_506_000)]
 NOISE_SCALES = [0.0, 0.016, 0.05, 0.16]  # sigma_DP x sqrt(number of parameters)

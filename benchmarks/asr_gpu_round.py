@@ -43,7 +43,7 @@ def main() -> int:
 
     from dpfl.config import RunConfig
     from dpfl.models.asr.task import ASRTask
-    from dpfl.simulations.engine import simulate
+    from dpfl.simulation import simulate
 
     audio = {"seconds": 0.0}
     original_loss = ASRTask.loss

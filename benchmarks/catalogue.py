@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpfl.config import RunConfig  # noqa: E402
 from dpfl.models.normalization import NORMS  # noqa: E402
 from dpfl.models.optimizers import OPTIMIZERS  # noqa: E402
-from dpfl.simulations.engine import simulate  # noqa: E402
+from dpfl.simulation import simulate  # noqa: E402
 
 # (client lr, extra keys): a usual starting point for each family, not tuned here
 OPTIMIZER_SETTINGS = {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpfl.simulations.flower_local import (  # noqa: E402
+from tests.support.flower_local import (  # noqa: E402
     deployment_home,
     flwr_run,
     free_port,

@@ -142,8 +142,8 @@ def missing_round_dependencies() -> str | None:
         except Exception as err:  # ImportError, or OSError for a missing libsndfile
             return f"{name} does not import ({type(err).__name__}: {err})"
     try:  # everything the ServerApp and the ClientApp import
-        importlib.import_module("dpfl.server.app")
-        importlib.import_module("dpfl.client.app")
+        importlib.import_module("dpfl.flower.server_app")
+        importlib.import_module("dpfl.flower.client_app")
     except Exception as err:
         return f"dpfl's Flower app does not import ({type(err).__name__}: {err})"
     return None
@@ -240,7 +240,7 @@ def stop_processes(procs: list[subprocess.Popen], flower_local) -> None:
 
 def supernode_round(args, device: str, size: str, deadline: float) -> dict:
     """One federated round of the ASR task through a SuperLink and SuperNodes on loopback."""
-    from dpfl.simulations import flower_local as fl
+    from support import flower_local as fl
 
     flower_scripts(fl)
     tmp = Path(tempfile.mkdtemp(prefix="dpfl-edge-round-"))

@@ -61,7 +61,7 @@ WORKLOAD = {
 CHILD = """
 import json, resource, sys
 from dpfl.config import RunConfig
-from dpfl.simulations.engine import simulate
+from dpfl.simulation import simulate
 summary = simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), progress=False, overwrite=True)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "final": summary["final"]}))
@@ -91,7 +91,9 @@ def run_dpfl(values: dict) -> dict:
 
 
 def run_flower(values: dict, workdir: Path) -> dict:
-    from dpfl.simulations.flower_local import (
+    from support import ROOT  # noqa: F401 (puts the checkout on sys.path)
+
+    from tests.support.flower_local import (
         flwr_run_simulation,
         local_simulation_home,
         stop_local_superlink,
@@ -133,7 +135,7 @@ PROFILE_CHILD = """
 import json, sys
 from dpfl.config import RunConfig
 from dpfl.profiling import profiled
-from dpfl.simulations.engine import simulate
+from dpfl.simulation import simulate
 with profiled() as profile:
     simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), progress=False, overwrite=True)
 print(profile.table())

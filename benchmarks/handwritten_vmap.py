@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(workload: dict, rounds: int) -> dict:
-    from dpfl.simulations.data import SyntheticClassification
+    from dpfl.data import SyntheticClassification
 
     population = int(workload["population"])
     n_examples = int(workload["examples-per-user"])

@@ -80,7 +80,7 @@ def client_steps(cfg) -> int:
 
 def run(name: str, values: dict) -> dict:
     from dpfl.config import RunConfig
-    from dpfl.simulations.engine import simulate
+    from dpfl.simulation import simulate
 
     with tempfile.TemporaryDirectory(prefix="dpfl-hetero-") as run_dir:
         cfg = RunConfig.from_mapping({**values, "run-dir": run_dir})

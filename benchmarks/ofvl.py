@@ -29,14 +29,9 @@ import torch
 from dpfl.config import RunConfig
 from dpfl.models.localization.model import OFVLNet, coordinate_loss, parameter_counts
 from dpfl.models.localization.pose import summarize
-from dpfl.models.localization.task import (
-    LocalizationTask,
-    SceneDataset,
-    adapt_new_scene,
-    constant_baseline,
-)
-from dpfl.simulations.engine import simulate
-from dpfl.simulations.scenes import render_scene
+from dpfl.models.localization.task import LocalizationTask, adapt_new_scene
+from dpfl.recipes.localization.scenes import SceneDataset, constant_baseline, render_scene
+from dpfl.simulation import simulate
 
 
 def evaluate_models(pairs) -> dict:

@@ -39,7 +39,7 @@ to l2 norm C (flat, all layers together), the clipped deltas are summed, Gaussia
 z*C is added to the sum, and FedAvg divides by the summed weights (1 per user), i.e. by the
 cohort size. A central evaluation callback evaluates the model on the test set after every
 round, as dpfl does with eval-every 1. Data are dpfl's own: the parent generates every user of
-``dpfl.simulations.data.SyntheticClassification`` and its test set and writes them to an .npz.
+``dpfl.data.SyntheticClassification`` and its test set and writes them to an .npz.
 
 What is timed: the child's per-round time is the wall time between consecutive calls of a
 callback placed after the evaluation callback, i.e. one full iteration of pfl's training loop
@@ -351,7 +351,7 @@ def write_data(workload: dict, out: Path) -> Path:
     examples], test_x, test_y."""
     import numpy as np
 
-    from dpfl.simulations.data import SyntheticClassification
+    from dpfl.data import SyntheticClassification
 
     ds = SyntheticClassification(
         num_users=workload["population"],

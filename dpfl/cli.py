@@ -530,7 +530,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     from dpfl.profiling import profiled
     from dpfl.report import statement_lines
-    from dpfl.simulations.engine import simulate
+    from dpfl.simulation import simulate
 
     cfg = _config_from_args(args)
     if args.resume and args.overwrite:
@@ -584,6 +584,7 @@ def _config_from_args(args: argparse.Namespace):
     from dpfl.config import RunConfig
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("key:") and v is not None}
+    overrides.update(getattr(args, "task_options", {}))
     try:
         base = RunConfig.from_toml(args.config) if args.config else None
         return RunConfig.from_mapping(overrides, base)
@@ -591,10 +592,47 @@ def _config_from_args(args: argparse.Namespace):
         raise CliError(str(err)) from None
 
 
+def _task_options(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``--task-options.KEY VALUE`` (or ``=VALUE``) pairs among unparsed words, and the rest.
+    A value is read as a TOML scalar (``0.1``, ``3``, ``true``), else kept as a string, so it
+    has the type it would have in a TOML file or Flower's run config."""
+    import tomllib
+
+    from dpfl.config import OPTIONS
+
+    def scalar(text: str):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word.startswith(f"--{OPTIONS}."):
+            key, eq, value = word[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(words):
+                    raise CliError(f"{word} needs a value")
+                value = words[i + 1]
+                i += 1
+            found[key] = scalar(value)
+        else:
+            rest.append(word)
+        i += 1
+    return found, rest
+
+
 def _add_config_keys(p: argparse.ArgumentParser) -> None:
     from dpfl.config import RunConfig
 
-    p.add_argument("--config", help="TOML file of config keys (flags override it)")
+    p.add_argument(
+        "--config",
+        help="TOML file of config keys (flags override it); --task-options.KEY VALUE sets a "
+        "key of its [task-options] table (keyword arguments of a task or data factory)",
+    )
     keys = p.add_argument_group("config keys")
     aliases = {"client-optimizer": ["--optimizer"]}  # short forms of common keys
     for key, default, doc in RunConfig.describe_defaults():
@@ -625,7 +663,7 @@ def _add_central(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_central(args: argparse.Namespace) -> int:
-    from dpfl.simulations.central import train_central
+    from dpfl.recipes.asr.central import train_central
 
     cfg = _config_from_args(args)
     try:
@@ -685,7 +723,7 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
-    from dpfl.simulations.speech_synth import generate_corpus
+    from dpfl.recipes.asr.synth import generate_corpus
 
     try:
         out = generate_corpus(
@@ -828,6 +866,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
+        if hasattr(args, "config") and unknown:
+            args.task_options, unknown = _task_options(unknown)
         if unknown:
             sub = parser.subcommand(getattr(args, "command", None))
             sub.error(f"unrecognized arguments: {' '.join(unknown)}{sub.suggest(unknown)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -23,7 +24,6 @@ from dpfl.models.optimizers import (
     OptimizerOptions,
     ScheduleOptions,
 )
-from dpfl.models.tasks import TASKS
 from dpfl.privacy.accounting import ACCOUNTANTS, default_delta
 from dpfl.privacy.clipping import CLIP_NORM_RANGE, MODES, SCHEMES, ClipConfig
 from dpfl.server.sampling import SAMPLINGS
@@ -59,8 +59,34 @@ def _doc(text: str) -> dict:
 @dataclass
 class RunConfig:
     # --- task and population
-    task: str = field(default="classification", metadata=_doc("learning task (registry name)"))
-    population: int = field(default=2000, metadata=_doc("number of users K"))
+    task: str = field(
+        default="classification",
+        metadata=_doc(
+            "the task: a built-in recipe (classification, asr, localization) or a factory by "
+            "import path, 'package.module:make_task' (called with the [task-options] table)"
+        ),
+    )
+    data: str = field(
+        default="",
+        metadata=_doc(
+            "the federated dataset: '' (the recipe's own) or a factory by import path, "
+            "'package.module:make_data' (called with the [task-options] table)"
+        ),
+    )
+    task_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "table of keyword arguments for the task and data factories: [task-options] in "
+            "TOML, task-options.KEY on the CLI and in Flower's run config"
+        ),
+    )
+    population: int = field(
+        default=0,
+        metadata=_doc(
+            "number of users K (0: the dataset's; the synthetic classification data then has "
+            "2000); a number that disagrees with the dataset is refused"
+        ),
+    )
     examples_per_user: int = field(default=50, metadata=_doc("synthetic task: examples per user"))
     hidden: str = field(
         default="64", metadata=_doc("synthetic task: MLP hidden sizes, e.g. '64,64'")
@@ -354,7 +380,7 @@ class RunConfig:
     # --- derived values
     @property
     def sample_rate(self) -> float:
-        return self.cohort_size / self.population
+        return self.cohort_size / self._population("q = cohort-size / population")
 
     @property
     def dp_enabled(self) -> bool:
@@ -362,7 +388,15 @@ class RunConfig:
 
     @property
     def resolved_delta(self) -> float:
-        return self.delta if self.delta > 0 else default_delta(self.population)
+        return self.delta if self.delta > 0 else default_delta(self._population("delta"))
+
+    def _population(self, what: str) -> int:
+        if self.population < 1:
+            raise ValueError(
+                f"{what} needs the population: population = 0 means the dataset's number of "
+                "users, known once the data is built (dpfl.recipes.resolve sets it)"
+            )
+        return self.population
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -398,42 +432,10 @@ class RunConfig:
             warmup_steps=self.server_warmup_steps,
         )
 
-    def norm_name(self) -> str:
-        """The configured normalisation, or the task model's own."""
-        if self.norm:
-            return self.norm
-        return {"asr": "layernorm", "localization": "groupnorm"}.get(self.task, "none")
-
     def norm_options(self):
         from dpfl.models.normalization import NormOptions
 
         return NormOptions(warmup=self.norm_warmup, groups=self.norm_groups)
-
-    def _check_norm(self) -> None:
-        from dpfl.models.normalization import NORMS, norm_entry
-
-        name = self.norm_name()
-        if name == "none" and self.task == "classification":
-            return
-        known = "'' (the model's own), " + ", ".join(sorted(NORMS))
-        if name not in NORMS:
-            raise ValueError(
-                f"config key norm = {self.norm!r}: expected one of {known}"
-                + suggestion(name, NORMS)
-            )
-        model, layout = {
-            "asr": ("the ASR transformer", "last"),
-            "localization": ("the localisation net", "channels"),
-        }.get(self.task, ("the MLP", "last"))
-        if self.task == "asr" and self.asr_arch == "conformer" and name != "layernorm":
-            raise ValueError(
-                f"config key norm = {self.norm!r}: the Conformer keeps torchaudio's own "
-                "normalisation; expected '' or 'layernorm' (or asr-arch = 'transformer')"
-            )
-        try:
-            norm_entry(name, layout, model)
-        except ValueError as e:
-            raise ValueError(f"config key norm = {self.norm!r}: {e}") from None
 
     # --- validation
     def validate(self) -> None:
@@ -444,6 +446,9 @@ class RunConfig:
 
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "task_options":
+                _check_options(value)
+                continue
             if f.type == "bool" and not isinstance(value, bool):
                 raise bad(f.name, "true or false")
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
@@ -453,14 +458,16 @@ class RunConfig:
                     raise bad(f.name, "a number")
                 if not math.isfinite(value):
                     raise bad(f.name, "a finite number")
-        # the task first: every other key's meaning (norm layers, data) depends on it
-        if self.task not in TASKS:
-            raise ValueError(
-                f"config key task = {self.task!r}: expected one of "
-                + ", ".join(sorted(TASKS))
-                + suggestion(self.task, TASKS)
-            )
-        for name in ("population", "rounds", "batch_size", "eval_every"):
+        # which recipes exist is dpfl.recipes' to say: here only the form of the names
+        for name in ("task", "data"):
+            value = getattr(self, name)
+            if ":" in value and not _IMPORT_PATH.fullmatch(value):
+                raise bad(name, "a recipe name or an import path 'package.module:attribute'")
+        if not self.task:
+            raise bad("task", "a recipe name or an import path 'package.module:factory'")
+        if self.population < 0:
+            raise bad("population", "an integer >= 1, or 0 for the dataset's number of users")
+        for name in ("rounds", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
         for name in (
@@ -493,7 +500,6 @@ class RunConfig:
             raise bad("norm_warmup", "an integer >= 0")
         if self.norm_groups < 1:
             raise bad("norm_groups", "an integer >= 1")
-        self._check_norm()
         if self.central_lr <= 0:
             raise bad("central_lr", "a number > 0")
         if self.batch_seconds < 0:
@@ -517,10 +523,10 @@ class RunConfig:
             raise bad("local_epochs", "an integer >= 1 when local-steps is 0")
         if self.examples_per_user < 1:
             raise bad("examples_per_user", "an integer >= 1")
-        if not 0 < self.cohort_size <= self.population:
+        if self.cohort_size <= 0 or (self.population and self.cohort_size > self.population):
             raise ValueError(
                 f"config key cohort-size = {self.cohort_size!r}: expected a number in "
-                f"(0, population = {self.population}]"
+                f"(0, population = {self.population or 'the number of users'}]"
             )
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
@@ -559,7 +565,7 @@ class RunConfig:
             )
         if not 0 <= self.delta < 1:
             raise bad("delta", "0 (automatic) or a number in (0, 1)")
-        if self.delta * self.population >= 1 and not self.allow_large_delta:
+        if self.population and self.delta * self.population >= 1 and not self.allow_large_delta:
             raise ValueError(
                 f"config key delta = {self.delta:g} is >= 1/population (1/{self.population}): "
                 "a delta that large permits releasing a whole user's data, and epsilon then "
@@ -598,14 +604,37 @@ class RunConfig:
 
     # --- conversion
     def to_dict(self) -> dict[str, Any]:
-        return {key_of(f.name): getattr(self, f.name) for f in fields(self)}
+        """Hyphenated keys; the task-options table flattened as ``task-options.KEY`` (as Flower
+        flattens a run config's tables), so every value is a scalar."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "task_options":
+                out.update({f"{OPTIONS}.{k}": v for k, v in sorted(self.task_options.items())})
+            else:
+                out[key_of(f.name)] = getattr(self, f.name)
+        return out
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
         """``base`` (default: the defaults) updated with ``values`` (hyphenated keys)."""
         current = dataclasses.asdict(base) if base is not None else {}
-        known = {key_of(f.name): f for f in fields(cls)}
+        known = {key_of(f.name): f for f in fields(cls) if f.name != "task_options"}
+        options = dict(current.get("task_options", {}))
         for key, value in values.items():
+            if key == OPTIONS:
+                if not isinstance(value, Mapping):
+                    raise ValueError(
+                        f"config key {OPTIONS} is a table ([{OPTIONS}] in TOML, "
+                        f"{OPTIONS}.KEY = value elsewhere), got {value!r}"
+                    )
+                options.update({str(k): v for k, v in value.items()})
+                continue
+            if key.startswith(OPTIONS + "."):
+                name = key[len(OPTIONS) + 1 :]
+                if not name:
+                    raise ValueError(f"config key {key!r}: expected {OPTIONS}.NAME")
+                options[name] = value
+                continue
             f = known.get(key)
             if f is None:
                 raise ValueError(
@@ -613,6 +642,7 @@ class RunConfig:
                     "(dpfl simulate --help lists every key)"
                 )
             current[f.name] = _coerce(key, f.type, value)
+        current["task_options"] = options
         return cls(**current)
 
     @classmethod
@@ -629,7 +659,34 @@ class RunConfig:
     @classmethod
     def describe_defaults(cls) -> list[tuple[str, Any, str]]:
         """(key, default, description) of every config key, for --help and docs."""
-        return [(key_of(f.name), f.default, f.metadata.get("doc", "")) for f in fields(cls)]
+        return [
+            (key_of(f.name), f.default, f.metadata.get("doc", ""))
+            for f in fields(cls)
+            if f.name != "task_options"  # a table, not a key: task-options.KEY
+        ]
+
+
+OPTIONS = "task-options"
+"""The table of keyword arguments for a task and data factory given by import path."""
+
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _check_options(options: Any) -> None:
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"config table {OPTIONS}: expected a table of name = value, got {options!r}"
+        )
+    for name, value in options.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                f"config key {OPTIONS}.{name}: option names are keyword-argument names"
+            )
+        if not isinstance(value, (str, int, float, bool)):
+            raise ValueError(
+                f"config key {OPTIONS}.{name} = {value!r}: expected a string, number or boolean "
+                "(Flower's run config holds scalars only)"
+            )
 
 
 def suggestion(word: str, choices: Iterable[str]) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dpfl.config import RunConfig
-from dpfl.simulations.engine import simulate
+from dpfl.simulation import simulate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,7 +41,7 @@ def test_a_private_run_on_cuda_matches_the_cpu_run(tmp_path):
 
 
 def test_private_parameters_are_stored_on_the_cpu(tmp_path):
-    from dpfl.runs import load_checkpoint
+    from dpfl.server.round import load_checkpoint
 
     cfg = RunConfig.from_mapping({
         "task": "localization", "scenes-dir": str(tmp_path / "sc"), "synthetic-scenes": 2,

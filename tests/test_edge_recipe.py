@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dpfl.simulations.flower_local import ROOT, free_port, run_status
+from tests.support.flower_local import ROOT, free_port, run_status
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dpfl.config import RunConfig
-from dpfl.simulations.engine import simulate
-from dpfl.simulations.flower_local import (
+from dpfl.simulation import simulate
+from tests.support.flower_local import (
     deployment_home,
     flwr_run,
     flwr_run_simulation,
@@ -120,7 +120,7 @@ def test_deployment_on_loopback_two_supernodes(tmp_path):
         assert len(rows) == 3 and all("update_norm" in r for r in rows[1:])
         assert not any(k.startswith("diag_") for r in rows for k in r)  # off by default
         torch.manual_seed(RunConfig.from_mapping(values).seed)
-        from dpfl.runs import build_task
+        from dpfl.recipes import build_task
 
         initial = build_task(RunConfig.from_mapping(values)).build_model().state_dict()
         final = torch.load(run_dir / "model.pt", weights_only=True)

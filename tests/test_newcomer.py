@@ -14,7 +14,7 @@ from dpfl.cli import build_parser, main
 from dpfl.config import RunConfig
 from dpfl.privacy.accounting import PRV_EPS_ERROR, compute_epsilon
 from dpfl.report import load_run, panel_keys, statement_lines
-from dpfl.simulations.engine import simulate
+from dpfl.simulation import simulate
 
 DPFL = str(Path(sys.executable).with_name("dpfl"))
 # A small, fast run of the embedded synthetic task.

@@ -28,11 +28,11 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from dpfl.client.app import handle_train
 from dpfl.config import RunConfig
+from dpfl.flower.client_app import handle_train
+from dpfl.flower.strategy import DPFedAvg
 from dpfl.report import statement_lines
 from dpfl.server.sampling import CohortSampler
-from dpfl.server.strategy import DPFedAvg
 
 POPULATION = 40
 BASE = {
@@ -98,10 +98,18 @@ def flower_run(tmp_path, monkeypatch, **over):
     monkeypatch.setattr(CohortSampler, "cohort", recording)
     cfg = RunConfig.from_mapping({**BASE, "run-dir": str(tmp_path / "run"), **over})
     grid = InProcessGrid(failing=frozenset(range(0, POPULATION, 3)))
-    from dpfl.server.strategy import discover_users
+    from dpfl.flower.strategy import discover_users
 
-    strategy = DPFedAvg(cfg, discover_users(grid, POPULATION, 5, population=POPULATION))
-    from dpfl import runs
+    from dpfl.recipes import resolve
+
+    made_of = resolve(cfg)
+    strategy = DPFedAvg(
+        made_of.cfg,
+        discover_users(grid, POPULATION, 5, population=POPULATION),
+        task=made_of.task,
+        dataset=made_of.dataset,
+    )
+    from dpfl.loop import run as runs
 
     made = []
     real_init = runs.FederatedRun.__init__
@@ -199,7 +207,7 @@ def test_with_a_sampling_seed_the_cohorts_are_rebuilt_from_the_run_folder(tmp_pa
 
 
 def test_the_simulator_writes_no_cohort_either(tmp_path, monkeypatch, caplog):
-    from dpfl.simulations.engine import simulate
+    from dpfl.simulation import simulate
 
     drawn = []
     real = CohortSampler.cohort

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dpfl.simulations.flower_local import (
+from tests.support.flower_local import (
     BIN,
     ROOT,
     deployment_home,

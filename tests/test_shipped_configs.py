@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dpfl.config import RunConfig
-from dpfl.simulations.engine import simulate
-from dpfl.simulations.speech_synth import espeak_available, generate_corpus
+from dpfl.recipes.asr.synth import espeak_available, generate_corpus
+from dpfl.simulation import simulate
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dpfl.api import ClientData, Task
 from dpfl.models.normalization import project_weights
 from dpfl.models.optimizers import OptimizerOptions, make_optimizer
-from dpfl.models.tasks import ClientData, Task
 from dpfl.privacy.clipping import ClipConfig, ClipStats, clip_update
 
 Weights = dict[str, torch.Tensor]

@@ -13,10 +13,14 @@ The batches are exactly those of the sequential path (:func:`dpfl.client.train.b
 the same per-client seed), and the SGD and Adam updates are torch's formulas, so the result
 equals :func:`dpfl.client.train.local_update` to float rounding (tested within 1e-5).
 
+A task's ``per_example_loss`` is used when it has one; otherwise one is derived from its
+``loss`` (each example alone, under an inner ``vmap``) and checked against ``loss`` on real data
+(:func:`derived_loss_check`) before it is trusted.
+
 What cannot be vectorised falls back to the sequential path, and :func:`why_not` says why:
-tasks without a per-example loss, models with dropout or running statistics, client-private
-parameters, speech batches by seconds, weight projection (NaP), optimizers other than SGD and
-Adam, and data that is not a set of tensors.
+models with dropout or running statistics, client-private parameters, speech batches by seconds,
+weight projection (NaP), optimizers other than SGD and Adam, a loss that is not a mean over
+examples, and data that is not a set of tensors.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_map
 
+from dpfl.api import ClientData, Task, hook, task_name
 from dpfl.client.train import LocalResult, LocalTrainConfig, Weights, batches
-from dpfl.models.tasks import ClientData, Task
 from dpfl.privacy.clipping import ClipConfig, ClipStats, StackedClipStats, clip_stacked
 from dpfl.profiling import section
 
@@ -43,8 +48,11 @@ def why_not(model: nn.Module, task: Task, cfg: LocalTrainConfig, private=None) -
     """None when a cohort of this setting can be trained vectorised, else the reason."""
     from dpfl.models.normalization import running_stat_names
 
-    if not hasattr(task, "per_example_loss"):
-        return f"task {getattr(task, 'name', task)!r} has no per-example loss"
+    if hook(task, "per_example_loss") is None and hook(task, "loss_count") is not None:
+        return (
+            f"task {task_name(task)!r} averages its loss over loss_count, not examples, and has "
+            "no per_example_loss"
+        )
     if cfg.optimizer not in OPTIMIZERS:
         return f"optimizer {cfg.optimizer!r} has no vectorised form (only {', '.join(OPTIMIZERS)})"
     if cfg.batch_seconds > 0:
@@ -63,6 +71,80 @@ def why_not(model: nn.Module, task: Task, cfg: LocalTrainConfig, private=None) -
         return "the model keeps running statistics"
     if getattr(model, "nap_norms", None):
         return "weights are projected after each step (Normalize-and-Project)"
+    return None
+
+
+class _Forward:
+    """The model as a user's ``loss`` sees it, whose call runs ``forward`` (the functional model
+    of one client under vmap); everything else (parameters(), attributes) is the real model's."""
+
+    def __init__(self, forward, model: nn.Module) -> None:
+        self._forward, self._model = forward, model
+
+    def __call__(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def per_example_loss(task: Task, model: nn.Module):
+    """``(forward, batch) -> (B,) losses``: the task's own ``per_example_loss``, or one derived
+    from ``task.loss`` by running it on each example alone under ``vmap`` (right when ``loss``
+    is the mean of its examples' losses, which :func:`derived_loss_check` verifies)."""
+    own = hook(task, "per_example_loss")
+    if own is not None:
+        return own
+
+    def derived(forward, batch):
+        proxy = _Forward(forward, model)
+
+        def one(example):
+            return task.loss(proxy, tree_map(lambda t: t.unsqueeze(0), example))
+
+        return vmap(one)(batch)
+
+    return derived
+
+
+def derived_loss_check(
+    model: nn.Module, task: Task, data: ClientData, examples: int = 4
+) -> str | None:
+    """None when ``task``'s per-example loss (its own, or derived from ``loss``) agrees with
+    ``loss`` on the first ``examples`` of ``data`` (their mean equals the batch loss), else why
+    not: the derived loss may not survive vmap, or ``loss`` may not be a mean over examples."""
+    if not isinstance(getattr(data, "tensors", None), dict):
+        return "the data is not a set of tensors (TensorData)"
+    if hook(task, "per_example_loss") is not None:
+        return None
+    n = min(len(data), examples)
+    if n == 0:
+        return None
+    batch = data.batch(torch.arange(n))
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            whole = float(task.loss(model, batch))
+            each = per_example_loss(task, model)(model, batch)
+        if tuple(each.shape) != (n,):
+            return f"the derived per-example loss has shape {tuple(each.shape)}, not ({n},)"
+        mean = float(each.mean())
+    except Exception as err:  # the user's loss under vmap: any failure means "not this way"
+        first = str(err).splitlines()[0] if str(err) else ""
+        return (
+            f"task {task_name(task)!r}'s loss does not run per example under torch.func.vmap "
+            f"({type(err).__name__}: {first[:160]}); add per_example_loss(forward, batch)"
+        )
+    finally:
+        model.train(was_training)
+    if abs(whole - mean) > 1e-4 * max(1.0, abs(whole)):
+        return (
+            f"task {task_name(task)!r}'s loss is not the mean of its examples' losses (batch "
+            f"{whole:.6g}, mean of examples {mean:.6g}); add per_example_loss(forward, batch)"
+        )
     return None
 
 
@@ -226,6 +308,7 @@ def train_cohort(
         data = {key: t.to(device) for key, t in _stack_data(datas).items()}
         index, mask, active = index.to(device), mask.to(device), active.to(device)
     rows = torch.arange(k_clients, device=device)[:, None]
+    example_loss = per_example_loss(task, model)
     start = {n: weights[n].to(device, torch.float32) for n in names}
     params = {n: start[n].expand(k_clients, *start[n].shape).clone() for n in names}
     opt = cfg.options
@@ -235,7 +318,7 @@ def train_cohort(
         def forward(x):
             return functional_call(model, {**frozen, **p}, (x,))
 
-        losses = task.per_example_loss(forward, batch)
+        losses = example_loss(forward, batch)
         return (losses * m).sum() / m.sum().clamp_min(1.0)
 
     client_losses = vmap(loss_fn)

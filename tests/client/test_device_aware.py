@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from dpfl.recipes.classification import ClassificationTask
+from dpfl.recipes import build_task
 
-from dpfl.client.app import handle_train, node_run_config
 from dpfl.client.train import (
     LocalTrainConfig,
     batches,
@@ -19,10 +20,9 @@ from dpfl.client.train import (
     micro_batches,
 )
 from dpfl.config import RunConfig
-from dpfl.models.tasks import ClassificationTask
+from dpfl.data import SyntheticClassification
+from dpfl.flower.client_app import handle_train, node_run_config
 from dpfl.privacy.clipping import ClipConfig
-from dpfl.runs import build_task
-from dpfl.simulations.data import SyntheticClassification
 
 TASK = ClassificationTask()
 DATA = SyntheticClassification(num_users=4, examples_per_user=23, seed=5)
@@ -165,7 +165,7 @@ def test_fp16_needs_cuda_and_bad_precision_or_micro_batching_is_refused():
 
 def _speech_data(n=6, seed=0):
     from dpfl.models.asr.text import CharTokenizer
-    from dpfl.simulations.speech import SpeechData
+    from dpfl.recipes.asr.data import SpeechData
 
     g = torch.Generator().manual_seed(seed)
     seconds = [0.6, 1.4, 0.9, 1.1, 0.7, 1.3][:n]
@@ -201,8 +201,8 @@ def test_micro_batched_ctc_training_equals_full_batches():
 def test_micro_batched_localization_weights_by_valid_pixels(tmp_path):
     """OFVL-MS averages over the batch's valid pixels (plus a parameter penalty): micro-batches
     weighted by their valid pixels give the full batch's step, weighting by frames would not."""
-    from dpfl.models.localization.task import LocalizationTask, SceneDataset
-    from dpfl.simulations.scenes import render_scene
+    from dpfl.models.localization.task import LocalizationTask
+    from dpfl.recipes.localization.scenes import SceneDataset, render_scene
 
     render_scene(str(tmp_path), "s", seed=3, train_frames=6, test_frames=1)
     data = SceneDataset(str(tmp_path), ["s"]).user_data(0)

@@ -4,14 +4,15 @@ import logging
 
 import pytest
 import torch
+from dpfl.api import TensorData
+from dpfl.recipes.classification import ClassificationTask
 
 from dpfl.client.train import LocalTrainConfig, global_weights, local_update
 from dpfl.client.vectorized import cohort_updates, why_not
 from dpfl.config import RunConfig
 from dpfl.models.optimizers import OptimizerOptions
-from dpfl.models.tasks import ClassificationTask, TensorData
 from dpfl.privacy.clipping import ClipConfig
-from dpfl.simulations.engine import simulate
+from dpfl.simulation import simulate
 
 
 def setting(sizes=(7, 20, 13, 1, 0)):
@@ -68,7 +69,13 @@ def test_what_cannot_be_vectorised_says_why():
         ClassificationTask(norm="batchnorm").build_model(), task, cfg
     )
     assert "private" in why_not(model, task, cfg, private=lambda n: False)
-    assert "per-example loss" in why_not(model, object(), cfg)
+
+
+    class PixelMean:  # averages over something else than examples, with no per-example loss
+        def loss_count(self, batch):
+            return 1.0
+
+    assert "loss_count" in why_not(model, PixelMean(), cfg)
 
 
 def run(tmp_path, name, **over):
@@ -100,7 +107,7 @@ def test_a_vectorised_run_ends_with_the_sequential_model(tmp_path, over):
 
 
 def test_auto_falls_back_with_one_log_line_and_on_refuses(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="dpfl.simulations.engine"):
+    with caplog.at_level(logging.INFO, logger="dpfl.engines.inprocess"):
         run(tmp_path, "lion", **{"client-optimizer": "lion", "client-lr": 0.001, "rounds": 1})
     lines = [r.getMessage() for r in caplog.records if "one by one" in r.getMessage()]
     assert lines == [
@@ -126,7 +133,7 @@ def test_device_knobs_fall_back_to_the_sequential_path():
 def test_batch_plan_is_the_sequential_batches(epochs, batch):
     from dpfl.client.train import batches
     from dpfl.client.vectorized import _plan
-    from dpfl.simulations.data import SyntheticClassification
+    from dpfl.data import SyntheticClassification
 
     data = SyntheticClassification(num_users=100, examples_per_user=40)
     users = list(range(0, 100, 7))

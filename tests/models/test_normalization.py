@@ -192,7 +192,7 @@ def test_bcn_micro_batch_and_weight_standardisation():
 
 
 def test_normalize_and_project_keeps_weight_norms():
-    from dpfl.models.tasks import MLP
+    from dpfl.models.mlp import MLP
 
     torch.manual_seed(0)
     model = MLP([6, 16, 16, 3], norm="nap")

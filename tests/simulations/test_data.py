@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from dpfl.api import TensorData
 
-from dpfl.models.tasks import TensorData
-from dpfl.simulations.data import (
+from dpfl.data import (
     PartitionedDataset,
     SyntheticClassification,
     partition_by_key,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpfl.simulations.distributed import balanced_shares
+from dpfl.engines.torchrun import balanced_shares
 
 BIN = Path(sys.executable).parent
 SMALL = {
@@ -107,7 +107,7 @@ def test_two_ranks_give_the_model_of_one_process(tmp_path, extra):
 CHECK = """
 import sys
 import torch, torch.distributed as dist
-from dpfl.simulations.distributed import Group
+from dpfl.engines.torchrun import Group
 dist.init_process_group("gloo")
 g = Group(torch.device("cpu"))
 same = {"w": torch.ones(3)}
@@ -138,8 +138,8 @@ RESUME = """
 import json, sys
 import torch.distributed as dist
 from dpfl.config import RunConfig
-from dpfl.simulations.engine import simulate
-from dpfl import runs
+from dpfl.simulation import simulate
+from dpfl.loop import run as runs
 
 dist.init_process_group("gloo")  # one group for both runs of this process
 values = json.loads(sys.argv[1])

@@ -6,7 +6,7 @@ import torch
 
 from dpfl.config import RunConfig
 from dpfl.privacy.accounting import compute_epsilon
-from dpfl.simulations.engine import simulate
+from dpfl.simulation import simulate
 
 SMALL = {
     "population": 300,
@@ -254,14 +254,14 @@ def test_charges_survive_a_lost_metrics_file_and_a_torn_line(tmp_path):
 
 
 def test_a_noise_seed_with_secret_cohorts_never_reuses_noise_on_replay(tmp_path):
-    from dpfl.runs import FederatedRun
+    from tests.support.runs import federated_run
 
     c = cfg(tmp_path, rounds=4, **{"checkpoint-every": 2, "noise-multiplier": 1.0,
                                     "target-epsilon": 0.0, "noise-seed": 5})  # fmt: skip
     simulate(c, progress=False, stop_after_round=3)
     saved = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[2])
     assert saved["round"] == 2
-    run = FederatedRun(c, progress=False, resume=True)
+    run = federated_run(c, progress=False, resume=True)
     # round 3 ran once on another cohort: its noise is not drawn again, and it stays charged
     assert run.state.noise._streams.next_stream >= 2**40
     assert run.state.ledger.rounds == 3

@@ -10,7 +10,7 @@ import torch
 from dpfl.config import RunConfig
 from dpfl.privacy.accounting import compute_epsilon
 from dpfl.privacy.mechanisms import effective_noise_multiplier
-from dpfl.simulations.engine import simulate
+from dpfl.simulation import simulate
 
 BASE = {
     "population": 100, "cohort-size": 20, "rounds": 4, "examples-per-user": 20,
@@ -73,9 +73,9 @@ def test_too_few_replies_skip_or_retry_and_are_charged(tmp_path):
     before = RunConfig.from_mapping({**BASE, "run-dir": str(tmp_path / "x")})
     torch.manual_seed(0)
     saved = torch.load(tmp_path / "skip" / "model.pt", weights_only=True)
-    from dpfl.runs import FederatedRun
+    from tests.support.runs import federated_run
 
-    initial = FederatedRun(before, progress=False).state.weights()
+    initial = federated_run(before, progress=False).state.weights()
     assert all(torch.equal(saved[n], initial[n]) for n in initial)  # nothing was applied
     q = 20 / 100
     assert eps(skipped) == pytest.approx(compute_epsilon(Z_EFF, q, 4, 1e-4).epsilon)

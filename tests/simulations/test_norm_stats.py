@@ -3,11 +3,12 @@
 import json
 
 import torch
+from tests.support.runs import federated_run
+from dpfl.server.round import load_checkpoint
 
 from dpfl.config import RunConfig
 from dpfl.report import statement_lines
-from dpfl.runs import FederatedRun, load_checkpoint
-from dpfl.simulations.engine import simulate
+from dpfl.simulation import simulate
 
 
 def config(tmp_path, mode, **over):
@@ -44,7 +45,7 @@ def test_client_kept_statistics_cost_nothing_for_users_never_sampled(tmp_path):
 
 def test_server_aggregated_statistics_are_averaged_not_optimised(tmp_path):
     cfg = config(tmp_path, "server", **{"server-optimizer": "lamb"})
-    run = FederatedRun(cfg, progress=False)
+    run = federated_run(cfg, progress=False)
     assert run.state.averaged == {"1.layer.running_mean", "1.layer.running_var"}
     optimised = {id(p) for g in run.state.optimizer.param_groups for p in g["params"]}
     assert all(id(run.state.params[n]) not in optimised for n in run.state.averaged)

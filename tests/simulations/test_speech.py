@@ -9,13 +9,13 @@ import torch
 
 from dpfl.client.train import LocalTrainConfig, batches
 from dpfl.config import RunConfig
-from dpfl.simulations.speech import (
+from dpfl.recipes.asr.data import (
     SpeechFederatedDataset,
     load_audio,
     read_common_voice,
     read_librispeech,
 )
-from dpfl.simulations.speech_synth import espeak_available, generate_corpus
+from dpfl.recipes.asr.synth import espeak_available, generate_corpus
 
 if not espeak_available():  # CI and `make setup` install it; say so loudly elsewhere
     pytest.fail("espeak-ng is required (apt-get install espeak-ng)", pytrace=False)
@@ -132,7 +132,7 @@ def asr_config(corpus, run_dir, **over):
 
 def test_central_training_lowers_ctc_loss_and_cer(asr_corpus, tmp_path):
     """About 40 s of CPU: 8 seed speakers, 300 Adam steps; CER on 3 unseen speakers < 0.75."""
-    from dpfl.simulations.central import train_central
+    from dpfl.recipes.asr.central import train_central
 
     cfg = asr_config(asr_corpus, tmp_path / "seed", **{"central-steps": 300})
     summary = train_central(cfg, progress=False)
@@ -162,7 +162,7 @@ def test_federated_asr_with_dp_lowers_validation_loss(asr_corpus, tmp_path):
             "server-lr": 0.02,
         },
     )
-    from dpfl.simulations.engine import simulate
+    from dpfl.simulation import simulate
 
     summary = simulate(cfg, progress=False)
     assert summary["final"]["loss"] < summary["initial"]["loss"]
@@ -171,7 +171,7 @@ def test_federated_asr_with_dp_lowers_validation_loss(asr_corpus, tmp_path):
 
 
 def test_population_must_match_the_corpus(asr_corpus, tmp_path):
-    from dpfl.runs import build_dataset
+    from dpfl.recipes import build_data as build_dataset
 
     with pytest.raises(ValueError, match="set population = 8"):
         build_dataset(asr_config(asr_corpus, tmp_path, population=9))
@@ -180,7 +180,7 @@ def test_population_must_match_the_corpus(asr_corpus, tmp_path):
 def test_common_voice_without_a_test_table_holds_out_speakers(common_voice, tmp_path):
     """A corpus with no test split: test-split holds speakers out instead of pointing the test
     set at the training data; the defaults of data-train/data-test fit Common Voice."""
-    from dpfl.runs import speech_corpus
+    from dpfl.recipes.asr import speech_corpus
 
     corpus = tmp_path / "cv"
     shutil.copytree(common_voice, corpus)
@@ -194,7 +194,7 @@ def test_common_voice_without_a_test_table_holds_out_speakers(common_voice, tmp_
     train, test = speech_corpus(cfg)
     assert len({u.speaker for u in train}) == 2 and len({u.speaker for u in test}) == 1
     assert not {u.speaker for u in train} & {u.speaker for u in test}
-    from dpfl.runs import build_dataset
+    from dpfl.recipes import build_data as build_dataset
 
     over = {"population": 3, "cohort-size": 1.0, "test-split": "utterance", "test-fraction": 0.5}
     dataset = build_dataset(RunConfig.from_mapping({**keys, **over}))

@@ -8,7 +8,7 @@ scene's private parameters, on its held-out frames: PnP + RANSAC on the predicte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,46 +127,6 @@ class LocalizationTask:
             "layers_specific": float(sum(c.uses_specific for c in model.adaptive_convs())),
             **per_scene,
         }
-
-
-class SceneDataset:
-    """Scenes as users: ``user_data`` is a scene's training frames, ``user_test_data`` its test
-    frames (7-Scenes layout under ``root``)."""
-
-    def __init__(self, root: str, scenes: Sequence[str]) -> None:
-        from dpfl.simulations.scenes import read_7scenes
-
-        if not scenes:
-            raise ValueError("need at least one scene")
-        self.scenes = list(scenes)
-        self._train = [read_7scenes(root, s, "train") for s in self.scenes]
-        self._test = [read_7scenes(root, s, "test") for s in self.scenes]
-
-    @property
-    def num_users(self) -> int:
-        return len(self.scenes)
-
-    def user_data(self, user: int):
-        return self._train[user]
-
-    def user_test_data(self, user: int):
-        return self._test[user]
-
-    def test_data(self):
-        return self._test[0]
-
-
-def constant_baseline(dataset: SceneDataset) -> dict[str, float]:
-    """Predict every pixel at the scene's mean training coordinate: the floor any model must beat
-    (PnP on a constant has no pose, so its errors are infinite; the coordinate error is finite)."""
-    errs = []
-    for user in range(dataset.num_users):
-        train, test = dataset.user_data(user), dataset.user_test_data(user)
-        centre = (train.coords * train.valid[:, None]).sum(dim=(0, 2, 3)) / train.valid.sum()
-        errs.append(
-            torch.linalg.vector_norm(test.coords - centre[None, :, None, None], dim=1)[test.valid]
-        )
-    return {"median_coordinate_error_m": float(torch.cat(errs).median())}
 
 
 def adapt_new_scene(

@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import pytest
+from dpfl.recipes import build_task
 
 from dpfl.config import RunConfig
 from dpfl.models.asr.text import ALPHABETS, CharTokenizer, TextStats
-from dpfl.runs import build_task
-from dpfl.simulations.speech import SpeechFederatedDataset, Utterance, hold_out
+from dpfl.recipes.asr.data import SpeechFederatedDataset, Utterance, hold_out
 
 SENTENCE = "Café naïve, 42 times!"
 

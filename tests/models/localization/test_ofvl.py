@@ -13,8 +13,8 @@ from dpfl.models.localization.model import (
     score_penalty,
 )
 from dpfl.models.localization.pose import estimate_pose, grid_pixels, pose_errors, summarize
-from dpfl.models.localization.task import LocalizationTask, SceneDataset, adapt_new_scene
-from dpfl.simulations.scenes import read_7scenes, render_scene
+from dpfl.models.localization.task import LocalizationTask, adapt_new_scene
+from dpfl.recipes.localization.scenes import SceneDataset, read_7scenes, render_scene
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +136,12 @@ def test_new_scene_adaptation_trains_only_scene_specific_parameters(scenes):
 def test_short_federated_run_beats_the_constant_baseline(tmp_path):
     """2 scenes, 12 rounds of OFVL-MS (layer-wise normalised shared deltas, FedAvg): the median
     scene-coordinate error on held-out frames drops below predicting each scene's mean point."""
+    from tests.support.runs import federated_run
+    from dpfl.recipes.localization import scene_names
+
     from dpfl.config import RunConfig
-    from dpfl.models.localization.task import constant_baseline
-    from dpfl.runs import FederatedRun, scene_names
-    from dpfl.simulations.engine import simulate
+    from dpfl.recipes.localization.scenes import constant_baseline
+    from dpfl.simulation import simulate
 
     cfg = RunConfig.from_mapping(
         {
@@ -175,4 +177,4 @@ def test_short_federated_run_beats_the_constant_baseline(tmp_path):
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert saved and all(n.endswith((".shared", ".score")) for n in saved)
     fresh = RunConfig.from_mapping({**cfg.to_dict(), "run-dir": str(tmp_path / "fresh")})
-    assert set(FederatedRun(fresh, progress=False).state.params) == set(saved)
+    assert set(federated_run(fresh, progress=False).state.params) == set(saved)

@@ -17,9 +17,12 @@ import torch
 
 from dpfl.client.train import LocalTrainConfig, batches, global_weights
 from dpfl.config import RunConfig
+from dpfl.loop.run import load_model_file, pick_device
+from dpfl.loop.writer import RunWriter
 from dpfl.models.normalization import project_weights
 from dpfl.models.optimizers import make_optimizer
-from dpfl.runs import RunWriter, build_task, load_model_file, pick_device, speech_corpus
+from dpfl.recipes import build_task
+from dpfl.recipes.asr import speech_corpus
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
     to ``run-dir`` (an existing run there is refused unless ``overwrite``); return the
     summary."""
     from dpfl.models.asr.text import CharTokenizer
-    from dpfl.simulations.speech import SpeechFederatedDataset, split_speakers
+    from dpfl.recipes.asr.data import SpeechFederatedDataset, split_speakers
 
     if cfg.task != "asr":
         raise ValueError("dpfl central trains speech seed models: set task = 'asr'")

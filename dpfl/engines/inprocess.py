@@ -2,8 +2,10 @@
 
 One model instance is reused for every client of a cohort; users are looked up lazily from the
 federated dataset; each client's work is :func:`dpfl.client.train.local_update` (a pure function of
-global weights, data, config and seed) and the round loop is :class:`dpfl.runs.FederatedRun`,
-shared with the Flower strategy.
+global weights, data, config and seed), or a whole chunk of the cohort at once
+(:mod:`dpfl.client.vectorized`), and the round loop is :class:`dpfl.loop.run.FederatedRun`,
+shared with the Flower strategy. Launched by torchrun, the ranks share each cohort
+(:mod:`dpfl.engines.torchrun`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import numpy as np
 import torch
 
 from dpfl.client.train import Weights, local_update
-from dpfl.client.vectorized import train_cohort, why_not
+from dpfl.client.vectorized import derived_loss_check, train_cohort, why_not
 from dpfl.config import RunConfig
+from dpfl.engines import torchrun as distributed
+from dpfl.loop.run import FederatedRun, client_seed, local_config
 from dpfl.profiling import section
-from dpfl.runs import FederatedRun, client_seed, local_config
 from dpfl.server.round import EventLog, RoundAggregator
-from dpfl.simulations import distributed
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +32,27 @@ class SimulatedFailure(RuntimeError):
     """A client failure injected by ``sim-failure-rate``."""
 
 
-def simulate(
+def run_in_process(
+    task: Any,
+    dataset: Any,
     cfg: RunConfig,
     *,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     stop_after_round: int | None = None,
-) -> dict[str, Any]:
-    """Run ``cfg`` in process, writing metrics and a summary to ``cfg.run_dir``; return the
-    summary. ``resume`` continues from the run folder's ``checkpoint.pt`` (a larger ``rounds``
-    extends the run); ``overwrite`` replaces a run the folder holds (refused otherwise);
-    ``stop_after_round`` ends the run early (as if the process stopped there), for tests of
-    resumption.
+) -> tuple[dict[str, Any], FederatedRun]:
+    """Train ``task`` on ``dataset`` as ``cfg`` says, in process, writing metrics and a summary
+    to ``cfg.run_dir``; return (summary, the finished run). ``resume`` continues from the run
+    folder's ``checkpoint.pt`` (a larger ``rounds`` extends the run); ``overwrite`` replaces a
+    run the folder holds (refused otherwise); ``stop_after_round`` ends the run early (as if the
+    process stopped there), for tests of resumption.
     """
     group = distributed.join(cfg)  # None unless launched by torchrun with several ranks
     run = FederatedRun(
         cfg,
+        task,
+        dataset,
         resume=resume,
         overwrite=overwrite,
         progress=progress,
@@ -54,6 +60,7 @@ def simulate(
         ranks=1 if group is None else group.size,
         share=None if group is None else group.broadcast_object,
     )
+    cfg = run.cfg  # population: the dataset's number of users
     if group is not None:
         if run.private:
             raise ValueError(
@@ -86,7 +93,13 @@ def simulate(
         z = np.random.default_rng([cfg.seed, 13, user]).standard_normal()
         return float(np.exp(cfg.sim_speed_spread * z))
 
-    reason = why_not(run.model, run.task, local_cfg, run.private)
+    reason = None
+    if cfg.vectorize != "off":
+        reason = why_not(run.model, run.task, local_cfg, run.private)
+        if reason is None:  # the data's form, and a per-example loss derived from `loss`
+            with section("data"):
+                probe = run.dataset.user_data(0)
+            reason = derived_loss_check(run.model, run.task, probe)
     vectorized = cfg.vectorize == "on" or (cfg.vectorize == "auto" and reason is None)
     if cfg.vectorize == "on" and reason is not None:
         raise ValueError(f"config key vectorize = 'on': cannot vectorise here: {reason}")
@@ -188,14 +201,14 @@ def simulate(
         return tally.metrics()
 
     if group is None:
-        return run.run(collect, stop_after_round=stop_after_round)
+        return run.run(collect, stop_after_round=stop_after_round), run
     try:
         summary = run.run(collect, stop_after_round=stop_after_round)
         group.check_same(run.state.weights())
         group.barrier()  # no rank tears the group down while another still talks in it
     finally:
         group.close()
-    return summary
+    return summary, run
 
 
 class _Tally:

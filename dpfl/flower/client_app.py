@@ -26,6 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from dpfl.api import hook
 from dpfl.client.train import (
     federated_split,
     load_weights,
@@ -33,7 +34,7 @@ from dpfl.client.train import (
     private_weights,
 )
 from dpfl.config import RunConfig
-from dpfl.runs import build_dataset, build_task, client_seed, local_config, pick_device
+from dpfl.loop.run import client_seed, local_config, pick_device
 
 USER_KEY = "partition-id"
 PRIVATE_KEY = "dpfl-private-parameters"
@@ -60,8 +61,6 @@ PRIVACY_KEYS = frozenset({
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
-
 # One task, model and dataset per process and configuration: the model is a workspace whose
 # weights every message overwrites, so it can be reused across messages.
 _workspace: dict[tuple, tuple] = {}
@@ -73,13 +72,18 @@ def _user(context: Context) -> int:
     return int(context.node_config[USER_KEY])
 
 
-def _workspace_for(cfg: RunConfig):
-    key = tuple(sorted(cfg.to_dict().items()))
+def _workspace_for(cfg: RunConfig, user: int, task=None, data=None):
+    """(task, model, dataset, device): the given objects, or those the run config names. A data
+    factory by import path that takes a ``user`` argument builds only this node's user."""
+    from dpfl import recipes
+
+    key = (tuple(sorted(cfg.to_dict().items())), user, id(task), id(data))
     if key not in _workspace:
         _workspace.clear()
-        task = build_task(cfg)
+        task = task if task is not None else recipes.build_task(cfg)
+        data = data if data is not None else recipes.build_data(cfg, user=user)
         device = pick_device(cfg)
-        _workspace[key] = (task, task.build_model().to(device), build_dataset(cfg), device)
+        _workspace[key] = (task, task.build_model().to(device), data, device)
     return _workspace[key]
 
 
@@ -139,19 +143,16 @@ def system_metrics(device: torch.device, steps: int, seconds: float) -> dict[str
     }
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    info = ConfigRecord({USER_KEY: _user(context)})
-    return Message(content=RecordDict({"info": info}), reply_to=msg)
-
-
 def handle_train(
     values: dict,
     weights: dict[str, torch.Tensor],
     node_config: dict,
     private: dict[str, torch.Tensor] | None = None,
+    task=None,
+    data=None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int], dict[str, torch.Tensor]]:
-    """The body of the train handler, without Flower types.
+    """The body of the train handler, without Flower types (``task``, ``data``: objects that
+    replace the run config's names, as :func:`make_client_app` passes them).
 
     Returns (delta, metrics, private): ``private`` holds the parameters the task keeps on the
     client (e.g. OFVL-MS's scene-specific ones), to be passed back in the next round; it never
@@ -163,15 +164,16 @@ def handle_train(
     if USER_KEY not in node_config:
         raise ValueError(f"this node has no {USER_KEY!r} in its node config")
     user = int(node_config[USER_KEY])
-    task, model, dataset, device = _workspace_for(cfg)
+    task, model, dataset, device = _workspace_for(cfg, user, task, data)
     is_private, buffers = federated_split(task, model, cfg.norm_stats)
     if is_private is not None:
         if private:
             load_weights(model, private)
         else:
             load_weights(model, private_weights(task.build_model(), is_private, buffers))
-            if hasattr(task, "prepare_private"):
-                task.prepare_private(model, dataset.user_data(user))
+            prepare = hook(task, "prepare_private")
+            if prepare is not None:
+                prepare(model, dataset.user_data(user))
     clip = cfg.clip_config() if cfg.clip_location == "client" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -202,19 +204,38 @@ def handle_train(
     )
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    stored = context.state.get(PRIVATE_KEY)
-    delta, metrics, private = handle_train(
-        dict(msg.content["config"]),
-        msg.content["arrays"].to_torch_state_dict(),
-        dict(context.node_config),
-        stored.to_torch_state_dict() if stored is not None else None,
-    )
-    if private:
-        # kept in the node's state between rounds of this run; never sent
-        context.state[PRIVATE_KEY] = ArrayRecord(private)
-    return Message(
-        content=RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord(metrics)}),
-        reply_to=msg,
-    )
+def make_client_app(task=None, data=None) -> ClientApp:
+    """A ClientApp running dpfl's client step for the node's user (``partition-id``).
+    ``task`` and ``data`` (objects following :mod:`dpfl.api`) replace the run config's names;
+    left out, they are resolved from it."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        info = ConfigRecord({USER_KEY: _user(context)})
+        return Message(content=RecordDict({"info": info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        stored = context.state.get(PRIVATE_KEY)
+        delta, metrics, private = handle_train(
+            dict(msg.content["config"]),
+            msg.content["arrays"].to_torch_state_dict(),
+            dict(context.node_config),
+            stored.to_torch_state_dict() if stored is not None else None,
+            task=task,
+            data=data,
+        )
+        if private:
+            # kept in the node's state between rounds of this run; never sent
+            context.state[PRIVATE_KEY] = ArrayRecord(private)
+        return Message(
+            content=RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord(metrics)}),
+            reply_to=msg,
+        )
+
+    return app
+
+
+app = make_client_app()
+"""The ClientApp for a run config that names its task and data (``dpfl.flower:client_app``)."""

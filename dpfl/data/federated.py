@@ -15,21 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
 
-from dpfl.models.tasks import ClientData, TensorData
-
-
-class FederatedDataset(Protocol):
-    num_users: int
-    """Users are the ids ``0 .. num_users - 1``."""
-
-    def user_data(self, user: int) -> ClientData: ...
-
-    def test_data(self) -> ClientData: ...
+from dpfl.api import ClientData, TensorData
 
 
 def _check_user(user: int, num_users: int) -> int:
@@ -126,10 +116,18 @@ class PartitionedDataset:
     test: TensorData
     user_keys: Sequence[Hashable] | None = None
     """The natural id of each user (e.g. a speaker id), when partitioned by key."""
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         if len(self.partition) == 0:
             raise ValueError("a federated dataset needs at least one user")
+        empty = [u for u, idx in enumerate(self.partition) if len(idx) == 0]
+        if empty and not self.allow_empty:
+            raise ValueError(
+                f"{len(empty)} of {len(self.partition)} users have no examples (first: user "
+                f"{empty[0]}); drop them or pass allow_empty=True (a sampled empty user sends a "
+                "zero update)"
+            )
 
     @property
     def num_users(self) -> int:

@@ -8,9 +8,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from dpfl.config import RunConfig
+from dpfl.flower.strategy import DPFedAvg, summarize_system
 from dpfl.privacy.clipping import ClipConfig
 from dpfl.server.round import ServerSpec, ServerState
-from dpfl.server.strategy import DPFedAvg, summarize_system
 
 
 @pytest.fixture(autouse=True)

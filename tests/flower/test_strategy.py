@@ -7,9 +7,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Rec
 from flwr.supercore.task_identity import TaskIdentity
 
 from dpfl.config import RunConfig
+from dpfl.flower.strategy import DPFedAvg
 from dpfl.privacy.clipping import ClipConfig
 from dpfl.server.round import ServerSpec, ServerState
-from dpfl.server.strategy import DPFedAvg
 
 
 @pytest.fixture(autouse=True)
@@ -85,10 +85,10 @@ class QueryGrid:
 
 
 def test_discovery_refuses_out_of_range_claims_and_drops_duplicates(caplog):
-    from dpfl.server.strategy import discover_users
+    from dpfl.flower.strategy import discover_users
 
     grid = QueryGrid({10: 0, 11: 1, 12: 1, 13: 7, 14: -1, 15: 2})
-    with caplog.at_level("WARNING", logger="dpfl.server.strategy"):
+    with caplog.at_level("WARNING", logger="dpfl.flower.strategy"):
         users = discover_users(grid, expected=6, timeout=5, population=5)
     assert users == {0: 10, 2: 15}  # 11 and 12 both claim user 1: neither is trusted
     text = caplog.text
@@ -96,7 +96,7 @@ def test_discovery_refuses_out_of_range_claims_and_drops_duplicates(caplog):
 
 
 def test_a_node_registry_binds_users_to_authenticated_nodes(tmp_path, caplog):
-    from dpfl.server.strategy import discover_users, load_node_registry
+    from dpfl.flower.strategy import discover_users, load_node_registry
 
     path = tmp_path / "nodes.toml"
     path.write_text('[nodes]\n"10" = 0\n"11" = 1\n"12" = 2\n')
@@ -104,7 +104,7 @@ def test_a_node_registry_binds_users_to_authenticated_nodes(tmp_path, caplog):
     assert registry == {10: 0, 11: 1, 12: 2}
     # 13 is not registered; 12 claims a user the registry does not give it
     grid = QueryGrid({10: 0, 11: 1, 12: 0, 13: 2})
-    with caplog.at_level("WARNING", logger="dpfl.server.strategy"):
+    with caplog.at_level("WARNING", logger="dpfl.flower.strategy"):
         users = discover_users(grid, expected=4, timeout=5, population=3, registry=registry)
     assert users == {0: 10, 1: 11}
     assert "node 13 is not in the node registry" in caplog.text
@@ -114,7 +114,7 @@ def test_a_node_registry_binds_users_to_authenticated_nodes(tmp_path, caplog):
 def test_with_a_registry_discovery_waits_only_for_the_registered_nodes(monkeypatch):
     """A population of 3 with one registered node: nothing more can join, so discovery asks at
     once instead of waiting out the timeout for nodes that would be refused anyway."""
-    from dpfl.server import strategy
+    from dpfl.flower import strategy
 
     slept = []
     monkeypatch.setattr(strategy.time, "sleep", slept.append)
@@ -138,7 +138,7 @@ def test_with_a_registry_discovery_waits_only_for_the_registered_nodes(monkeypat
     ],
 )
 def test_bad_node_registries_are_refused(tmp_path, text, match):
-    from dpfl.server.strategy import load_node_registry
+    from dpfl.flower.strategy import load_node_registry
 
     path = tmp_path / "nodes.toml"
     path.write_text(text)

@@ -162,7 +162,7 @@ def join(cfg) -> Group | None:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return None
-    from dpfl.runs import pick_device
+    from dpfl.loop.run import pick_device
 
     device = pick_device(cfg)
     if device.type == "cuda":

@@ -1,26 +1,24 @@
-"""What every way of running dpfl shares: building the task and data from a config, resolving the
-noise, the server spec, and the run folder (metrics as JSON lines, summary, privacy statement).
+"""The round loop every way of running shares, over objects: a task, a federated dataset and
+the run config (DP, local and server settings, the run folder).
 
-The in-process simulator and the Flower ServerApp both call these, so a run reads the same
-whichever way it was started.
+The in-process simulator and the Flower strategy both drive :class:`FederatedRun`; only how a
+round's updates are collected differs, so a run reads the same whichever way it was started.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import os
-import platform
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dpfl.api import hook
 from dpfl.client.train import (
     LocalTrainConfig,
     Weights,
@@ -30,9 +28,9 @@ from dpfl.client.train import (
     private_weights,
 )
 from dpfl.config import RunConfig
-from dpfl.models.tasks import TASKS, ClassificationTask, Task
+from dpfl.loop.plan import NoisePlan, privacy_statement, resolve_noise, server_spec
+from dpfl.loop.writer import CLIENT_STATE, RunWriter
 from dpfl.privacy.accounting import EpsilonResult, PrivacyLedger
-from dpfl.privacy_plan import NoisePlan, privacy_statement, resolve_noise, server_spec
 from dpfl.profiling import round_done, section
 from dpfl.server.round import (
     EventLog,
@@ -42,7 +40,6 @@ from dpfl.server.round import (
     save_checkpoint,
 )
 from dpfl.server.sampling import CohortSampler
-from dpfl.simulations.data import FederatedDataset, SyntheticClassification
 
 log = logging.getLogger(__name__)
 
@@ -53,130 +50,15 @@ def client_seed(seed: int, round_number: int, user: int) -> int:
     return int(seq.generate_state(1)[0])
 
 
-def build_task(cfg: RunConfig) -> Task:
-    norm = {"norm": cfg.norm_name(), "norm_options": cfg.norm_options()}
-    if cfg.task == "classification":
-        return ClassificationTask(hidden=cfg.hidden_sizes, **norm)
-    if cfg.task == "asr":
-        from dpfl.models.asr.text import CharTokenizer
-
-        return TASKS["asr"](
-            tokenizer=CharTokenizer(cfg.alphabet),
-            arch=cfg.asr_arch,
-            size=cfg.asr_size,
-            dropout=cfg.asr_dropout,
-            layerdrop=cfg.asr_layerdrop,
-            spec_augment=cfg.spec_augment,
-            **norm,
+def with_population(cfg: RunConfig, users: int, where: str = "the data") -> RunConfig:
+    """``cfg`` with population = ``users`` (the dataset's K, from which q = cohort-size / K);
+    ValueError naming both numbers when the config sets another."""
+    if cfg.population not in (0, users):
+        raise ValueError(
+            f"config key population = {cfg.population}, but {where} has {users} users: set "
+            f"population = {users} (or leave it at 0: the dataset's number of users)"
         )
-    if cfg.task == "localization":
-        return TASKS["localization"](
-            adaptive=cfg.ofvl_adaptive,
-            score_init=cfg.ofvl_score_init,
-            penalty=cfg.ofvl_penalty,
-            **norm,
-        )
-    return TASKS[cfg.task]()
-
-
-def scene_names(cfg: RunConfig) -> list[str]:
-    """The configured scenes, rendering the synthetic ones on first use."""
-    names = [s.strip() for s in cfg.scenes.split(",") if s.strip()]
-    if names:
-        return names
-    from dpfl.simulations.scenes import render_scene
-
-    names = [f"scene-{k}" for k in range(cfg.synthetic_scenes)]
-    for k, name in enumerate(names):
-        render_scene(
-            cfg.scenes_dir,
-            name,
-            seed=1000 * cfg.seed + k,
-            train_frames=cfg.scene_train_frames,
-            test_frames=cfg.scene_test_frames,
-        )
-    return names
-
-
-SPEECH_SPLITS = {"commonvoice": ("train.tsv", "test.tsv")}
-"""The train and test split names of a speech format (LibriSpeech layout: train, test)."""
-
-
-def speech_splits(cfg: RunConfig) -> tuple[str, str]:
-    """The configured data-train and data-test, or the format's own names."""
-    train, test = SPEECH_SPLITS.get(cfg.data_format, ("train", "test"))
-    return cfg.data_train or train, cfg.data_test or test
-
-
-def speech_corpus(cfg: RunConfig):
-    """(train utterances, test utterances) of the configured corpus, generating a synthetic one
-    on first use. With test-split, the test utterances are held out of data-train."""
-    from dpfl.simulations.speech import hold_out, read_common_voice, read_librispeech
-
-    if cfg.data_format == "synthetic":
-        from dpfl.simulations.speech_synth import generate_corpus
-
-        log.info("synthetic speech corpus in %s", cfg.data_dir)
-        generate_corpus(
-            cfg.data_dir,
-            speakers=cfg.synthetic_speakers,
-            utterances=cfg.synthetic_utterances,
-            test_speakers=cfg.synthetic_test_speakers,
-            seed=cfg.seed,
-        )
-    read = read_common_voice if cfg.data_format == "commonvoice" else read_librispeech
-    train_name, test_name = speech_splits(cfg)
-    train = read(cfg.data_dir, train_name)
-    if cfg.test_split:
-        train, test = hold_out(train, cfg.test_split, cfg.test_fraction, cfg.seed)
-        log.info(
-            "test set: %d utterances held out of %s by %s (test-fraction %g)",
-            len(test),
-            train_name,
-            cfg.test_split,
-            cfg.test_fraction,
-        )
-        return train, test
-    return train, read(cfg.data_dir, test_name)
-
-
-def build_dataset(cfg: RunConfig) -> FederatedDataset:
-    if cfg.task == "classification":
-        return SyntheticClassification(
-            num_users=cfg.population, examples_per_user=cfg.examples_per_user, seed=cfg.seed
-        )
-    if cfg.task == "asr":
-        from dpfl.models.asr.text import CharTokenizer
-        from dpfl.simulations.speech import SpeechFederatedDataset, split_speakers
-
-        train, test = speech_corpus(cfg)
-        seed_speakers, _ = split_speakers(train, cfg.seed_speakers)
-        dataset = SpeechFederatedDataset(
-            train,
-            test,
-            tokenizer=CharTokenizer(cfg.alphabet),
-            test_from_users=cfg.test_split == "utterance",
-            exclude=seed_speakers,
-            max_test_utterances=cfg.max_test_utterances,
-        )
-        if dataset.num_users != cfg.population:
-            raise ValueError(
-                f"config key population = {cfg.population}, but the corpus in {cfg.data_dir} "
-                f"has {dataset.num_users} speakers to federate ({cfg.seed_speakers} kept for "
-                f"the seed): set population = {dataset.num_users}"
-            )
-        return dataset
-    if cfg.task == "localization":
-        from dpfl.models.localization.task import SceneDataset
-
-        dataset = SceneDataset(cfg.scenes_dir, scene_names(cfg))
-        if dataset.num_users != cfg.population:
-            raise ValueError(
-                f"config key population = {cfg.population}, but there are {dataset.num_users} "
-                f"scenes (one client each): set population = {dataset.num_users}"
-            )
-        return dataset
-    raise ValueError(f"no built-in dataset for task {cfg.task!r}")
+    return cfg if cfg.population == users else replace(cfg, population=users)
 
 
 def load_model_file(model: torch.nn.Module, path: str | Path) -> None:
@@ -212,171 +94,6 @@ def local_config(cfg: RunConfig) -> LocalTrainConfig:
     )
 
 
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _json_value(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    return v
-
-
-CLIENT_STATE = "clients/state.pt"
-"""The simulated clients' own state (client-kept parameters), apart from the server's
-checkpoint: it identifies the users who trained, as a device's own disk would."""
-
-
-class RunWriter:
-    """The run folder: ``config.toml``-like ``config.json``, ``metrics.jsonl``, ``summary.json``."""
-
-    RUN_FILES = (
-        "metrics.jsonl",
-        "charges.jsonl",
-        "checkpoint.pt",
-        "summary.json",
-        "config.json",
-        "model.pt",
-        CLIENT_STATE,
-    )
-    """What a run leaves in its folder (a new run refuses to write over them)."""
-
-    def __init__(
-        self,
-        run_dir: str | Path,
-        resume: bool = False,
-        enabled: bool = True,
-        overwrite: bool = False,
-    ) -> None:
-        """A new run (neither ``resume`` nor ``overwrite``) refuses a folder that holds a run:
-        nothing a user made is deleted without being asked. ``overwrite`` deletes that run's
-        files first. ``enabled = False``: a writer that reads but never writes (the other ranks
-        of a distributed simulation; rank 0 writes)."""
-        self.dir = Path(run_dir)
-        self.enabled = enabled
-        self.metrics_path = self.dir / "metrics.jsonl"
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ValueError(f"config key run-dir = {str(run_dir)!r} is a file, not a folder")
-        if resume:
-            if not self.checkpoint_path.is_file():
-                raise ValueError(
-                    f"cannot resume: {self.dir} holds no checkpoint.pt (a run checkpoints with "
-                    "checkpoint-every > 0)"
-                )
-            return
-        if not enabled:
-            return  # rank 0 checks (and may clear) the folder
-        found = [name for name in self.RUN_FILES if (self.dir / name).exists()]
-        if found and not overwrite:
-            raise ValueError(
-                f"the run folder {self.dir} already holds a run ({', '.join(found)}): continue it "
-                "with --resume, replace it with --overwrite, or choose another run-dir"
-            )
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for name in found:
-            (self.dir / name).unlink()
-
-    def write_config(self, cfg: RunConfig, extra: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        data = {"config": cfg.to_dict(), **extra, "machine": platform.platform()}
-        (self.dir / "config.json").write_text(json.dumps(_json_value(data), indent=2) + "\n")
-
-    def truncate_after(self, round_number: int) -> int:
-        """On resume: drop metric lines of rounds after the checkpoint (they will be re-run);
-        returns how many were dropped (a torn last line, from a crash mid-write, counts)."""
-        if not self.metrics_path.exists():
-            return 0
-        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
-
-        def kept(line: str) -> bool:
-            try:
-                return json.loads(line).get("round", 0) <= round_number
-            except json.JSONDecodeError:
-                return False
-
-        keep = [line for line in lines if kept(line)]
-        if self.enabled:
-            self.metrics_path.write_text("".join(line + "\n" for line in keep))
-        return len(lines) - len(keep)
-
-    def initial_eval(self) -> dict[str, float] | None:
-        """The evaluation before training (the round-0 line), if the metrics file has it."""
-        if not self.metrics_path.exists():
-            return None
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("round") == 0:
-                return {k[5:]: v for k, v in row.items() if k.startswith("eval_")} or None
-        return None
-
-    @property
-    def charges_path(self) -> Path:
-        return self.dir / "charges.jsonl"
-
-    def record_charge(self, round_number: int, attempt: int, z: float, q: float) -> None:
-        """One charged attempt, written and flushed to disk before anything it produced is
-        released (a metric line, a checkpoint, the model sent to the next cohort), so a crash
-        can never lose a charge."""
-        if not self.enabled:
-            return
-        line = json.dumps(
-            {"round": round_number, "attempt": attempt, "noise_multiplier": z, "sample_rate": q}
-        )
-        with self.charges_path.open("a") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def read_charges(self, default: tuple[float, float]) -> list[tuple[float, float]] | None:
-        """The charged attempts as (z, q), or None when the folder has no journal. A torn last
-        line (a crash mid-write) counts, at ``default``: the charge may have been meant."""
-        if not self.charges_path.exists():
-            return None
-        out = []
-        for line in self.charges_path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out.append((float(row["noise_multiplier"]), float(row["sample_rate"])))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                out.append(default)
-        return out
-
-    def keep_charges(self, count: int) -> None:
-        """Keep the first ``count`` journal lines (a reproducible replay writes the rest again)."""
-        if not self.enabled or not self.charges_path.exists():
-            return
-        lines = [x for x in self.charges_path.read_text().splitlines() if x.strip()][:count]
-        self.charges_path.write_text("".join(line + "\n" for line in lines))
-
-    def append(self, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"time": time.time(), **metrics}
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(_json_value(record)) + "\n")
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        (self.dir / "summary.json").write_text(json.dumps(_json_value(summary), indent=2) + "\n")
-
-    def write_model(self, weights: dict[str, torch.Tensor]) -> None:
-        """The final global model (trainable parameters), readable with weights_only=True."""
-        if not self.enabled:
-            return
-        torch.save(weights, self.dir / "model.pt")
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.dir / "checkpoint.pt"
-
-
 # Collects one attempt's updates into the aggregator; returns its non-private diagnostics
 # (``diag_*`` keys only: exact counts, per-client statistics), recorded only with diagnostics on.
 Collect = Callable[[int, np.ndarray, Weights, RoundAggregator], dict[str, Any]]
@@ -396,6 +113,8 @@ class FederatedRun:
     def __init__(
         self,
         cfg: RunConfig,
+        task: Any,
+        dataset: Any,
         *,
         resume: bool = False,
         progress: bool = True,
@@ -403,14 +122,22 @@ class FederatedRun:
         ranks: int = 1,
         share: Share | None = None,
         overwrite: bool = False,
+        initial_weights: Weights | None = None,
+        extra_eval: Callable[[int, Weights], dict[str, float]] | None = None,
     ) -> None:
-        """``resume``: continue from the run folder's checkpoint (only ``rounds`` may differ
-        from its config: an extension); ``overwrite``: replace the run the folder holds (a new
-        run refuses such a folder). ``primary = False``: another rank of a distributed
-        simulation (of ``ranks``), which runs the rounds but neither evaluates nor writes the
-        run folder; ``share`` gives every rank rank 0's cohorts, decisions and ledger."""
+        """``task`` and ``dataset`` follow :mod:`dpfl.api`; ``cfg``'s population is the
+        dataset's number of users (0 there means exactly that).
+
+        ``resume``: continue from the run folder's checkpoint (only ``rounds`` may differ from
+        its config: an extension); ``overwrite``: replace the run the folder holds (a new run
+        refuses such a folder). ``primary = False``: another rank of a distributed simulation
+        (of ``ranks``), which runs the rounds but neither evaluates nor writes the run folder;
+        ``share`` gives every rank rank 0's cohorts, decisions and ledger. ``initial_weights``
+        (by name) replace the initial model's; ``extra_eval(round, weights)`` adds metrics
+        wherever the run evaluates."""
         self.started = time.perf_counter()
         self.ranks = ranks
+        cfg = with_population(cfg, dataset.num_users)
         self.cfg = cfg
         self.primary = primary
         self.share = share or _alone
@@ -419,11 +146,14 @@ class FederatedRun:
         self.prior = self._read_checkpoint() if resume else None
         torch.manual_seed(cfg.seed)  # the initial model
         self.device = pick_device(cfg)
-        self.task = build_task(cfg)
-        self.dataset = build_dataset(cfg)
+        self.task = task
+        self.dataset = dataset
         self.model = self.task.build_model().to(self.device)
         if cfg.init_model:
             load_model_file(self.model, cfg.init_model)
+        if initial_weights is not None:
+            load_weights(self.model, initial_weights)
+        self.extra_eval = extra_eval
         self.test_data = self.dataset.test_data()
         # A resumed run keeps the noise it started with: an extension of its rounds is never
         # recalibrated (that would spend the old rounds' budget again at a lower noise).
@@ -443,7 +173,7 @@ class FederatedRun:
             self.prior.get("initial") if self.prior is not None else None
         )
         # A test set drawn from the federated users' own data (held-out utterances).
-        self.eval_on_user_data = getattr(self.dataset, "test_from_users", False)
+        self.eval_on_user_data = bool(hook(self.dataset, "test_from_users", False))
         self.spec = server_spec(cfg, self.noise)
         # Cohorts come from their own secret key (never from `seed`), or from sampling-seed.
         self.sampler = (
@@ -493,9 +223,9 @@ class FederatedRun:
         differ, and only grow: that extends the run (same noise, same ledger, same budget)."""
         ckpt = load_checkpoint(self.writer.checkpoint_path)
         old, new = ckpt["config"], self.cfg.to_dict()
-        defaults = {key: default for key, default, _ in RunConfig.describe_defaults()}
+        defaults = RunConfig().to_dict()
         changed = [
-            key for key in new if old.get(key, defaults[key]) != new[key] and key != "rounds"
+            key for key in new if old.get(key, defaults.get(key)) != new[key] and key != "rounds"
         ] + [key for key in old if key not in new]
         if changed:
             shown = "; ".join(
@@ -580,10 +310,17 @@ class FederatedRun:
     def evaluate(self) -> dict[str, float]:
         if not self.primary:
             return {}
-        if self.private and hasattr(self.task, "evaluate_federated"):
+        values = self._evaluate()
+        if self.extra_eval is not None:
+            values = {**values, **self.extra_eval(self.state.round, self.state.weights())}
+        return values
+
+    def _evaluate(self) -> dict[str, float]:
+        federated = hook(self.task, "evaluate_federated")
+        if self.private and federated is not None:
             # per client, with its private parameters (available in simulation only)
             self.eval_uses_private = True
-            return self.task.evaluate_federated(
+            return federated(
                 self.model,
                 self.dataset,
                 self.state.weights(),
@@ -603,6 +340,8 @@ class FederatedRun:
                 self.model,
                 {b: torch.stack([u[b].float() for u in source]).mean(0) for b in kept_stats},
             )
+        if self.test_data is None:
+            return {}  # a dataset without a central test set: no server-side evaluation
         return self.task.evaluate(self.model, self.test_data)
 
     def _eval_metrics(self, values: dict[str, float]) -> dict[str, Any]:
@@ -617,8 +356,9 @@ class FederatedRun:
             return
         stored = self.private_store.get(user)
         load_weights(self.model, stored if stored is not None else self.initial_private)
-        if stored is None and hasattr(self.task, "prepare_private"):
-            self.task.prepare_private(self.model, self.dataset.user_data(user))
+        prepare = hook(self.task, "prepare_private")
+        if stored is None and prepare is not None:
+            prepare(self.model, self.dataset.user_data(user))
 
     def keep_client(self, user: int) -> None:
         if self.private:

@@ -1,7 +1,7 @@
 """A run's privacy plan and statement: the noise it adds (calibrated or given), and the
 (epsilon, delta) it reports with every assumption that figure rests on.
 
-Shared by the simulator and the Flower ServerApp through :class:`dpfl.runs.FederatedRun`.
+Shared by the simulator and the Flower ServerApp through :class:`dpfl.loop.run.FederatedRun`.
 """
 
 from __future__ import annotations

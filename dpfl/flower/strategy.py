@@ -5,7 +5,7 @@ The strategy only moves messages: ``configure_train`` addresses the users dpfl's
 asked to train) to the nodes that hold them, and ``aggregate_train`` feeds
 the replies, in user order, to the same :class:`~dpfl.server.round.RoundAggregator` the simulator
 uses. Validation, noise, the server optimizer, accounting, evaluation, checkpoints and the run
-folder are :class:`dpfl.runs.FederatedRun`'s, shared with the simulator.
+folder are :class:`dpfl.loop.run.FederatedRun`'s, shared with the simulator.
 
 ``aggregate_train`` returns no arrays: the new global model comes from the server step
 (noise + server optimizer), which runs once the round's replies are in.
@@ -156,7 +156,7 @@ def discover_users(
 
 
 SYSTEM_METRICS = ("sys-steps-per-second", "sys-peak-memory-mb", "sys-device-cuda")
-"""What clients report about their device (see :mod:`dpfl.client.app`)."""
+"""What clients report about their device (see :mod:`dpfl.flower.client_app`)."""
 
 
 def summarize_system(system: dict[str, list[float]]) -> dict[str, float]:
@@ -182,9 +182,19 @@ class DPFedAvg(Strategy):
     """Flower's side of a dpfl round: cohort messages out, validated updates in."""
 
     def __init__(
-        self, cfg: RunConfig, user_nodes: dict[int, int], *, overwrite: bool = False
+        self,
+        cfg: RunConfig,
+        user_nodes: dict[int, int],
+        *,
+        task: Any = None,
+        dataset: Any = None,
+        overwrite: bool = False,
     ) -> None:
+        """``task`` and ``dataset`` follow :mod:`dpfl.api` (``start`` needs both): the server
+        uses the task's model and evaluation and the dataset's number of users and test set,
+        never users' data."""
         self.cfg = cfg
+        self.task, self.dataset = task, dataset
         self.overwrite = overwrite  # replace a run that run-dir already holds
         self.name_users = False  # the run's (public cohorts only) once start() has made it
         self.user_nodes = user_nodes
@@ -310,7 +320,7 @@ class DPFedAvg(Strategy):
     # --- the loop ----------------------------------------------------------------------------
 
     def collector(self, grid: Grid) -> Callable[[int, np.ndarray, Weights, RoundAggregator], dict]:
-        """The ``collect`` step of :class:`dpfl.runs.FederatedRun`, through Flower messages."""
+        """The ``collect`` step of :class:`dpfl.loop.run.FederatedRun`, through Flower messages."""
         train_config = ConfigRecord(
             {k: v for k, v in self.cfg.to_dict().items() if k not in SERVER_ONLY_KEYS}
         )
@@ -339,12 +349,50 @@ class DPFedAvg(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable | None = None,
     ) -> Result:
-        """Run the configured rounds (the arguments of Flower's ``start`` come from the config:
-        the initial model is built from the seed, rounds and timeout are config keys)."""
-        from dpfl.runs import FederatedRun
+        """Run the rounds. Flower's arguments: ``initial_arrays`` replace the initial model
+        (else it is built from the seed and init-model); ``num_rounds`` and ``timeout`` replace
+        the config's rounds and round-timeout; ``evaluate_fn(round, arrays) -> MetricRecord``
+        adds its metrics (``eval_*``) wherever the run evaluates. ``train_config`` and
+        ``evaluate_config`` are refused: the clients' config is the run config, whose privacy
+        keys must not vary, and evaluation is central."""
+        from dataclasses import replace
+
+        from dpfl.loop.run import FederatedRun
+
+        if self.task is None or self.dataset is None:
+            raise TypeError(
+                "DPFedAvg.start needs the task and dataset: DPFedAvg(..., task=, dataset=)"
+            )
+        for name, value in (("train_config", train_config), ("evaluate_config", evaluate_config)):
+            if value is not None:
+                raise TypeError(
+                    f"DPFedAvg.start does not take {name}: every client receives the run "
+                    "config (set its keys there)"
+                )
+        if num_rounds is not None:
+            self.cfg = replace(self.cfg, rounds=int(num_rounds))
+        if timeout is not None:
+            self.cfg = replace(self.cfg, round_timeout=float(timeout))
+        extra_eval = None
+        if evaluate_fn is not None:
+
+            def extra_eval(round_number: int, weights: Weights) -> dict[str, float]:
+                record = evaluate_fn(round_number, ArrayRecord(weights))
+                return {k: float(v) for k, v in (record or {}).items()}
 
         self.summary()
-        run = FederatedRun(self.cfg, progress=False, overwrite=self.overwrite)
+        run = FederatedRun(
+            self.cfg,
+            self.task,
+            self.dataset,
+            progress=False,
+            overwrite=self.overwrite,
+            initial_weights=(
+                initial_arrays.to_torch_state_dict() if initial_arrays is not None else None
+            ),
+            extra_eval=extra_eval,
+        )
+        self.cfg = run.cfg
         self.name_users = run.name_users
         summary = run.run(self.collector(grid))
         result = Result()

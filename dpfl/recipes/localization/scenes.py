@@ -11,6 +11,7 @@ trajectories and writes exactly that layout, so the reader loads it; no download
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,3 +285,41 @@ def render_scene(
     (base / "TestSplit.txt").write_text("sequence2\n")
     done.write_text(spec)
     return base
+
+
+class SceneDataset:
+    """Scenes as users: ``user_data`` is a scene's training frames, ``user_test_data`` its test
+    frames (7-Scenes layout under ``root``)."""
+
+    def __init__(self, root: str, scenes: Sequence[str]) -> None:
+        if not scenes:
+            raise ValueError("need at least one scene")
+        self.scenes = list(scenes)
+        self._train = [read_7scenes(root, s, "train") for s in self.scenes]
+        self._test = [read_7scenes(root, s, "test") for s in self.scenes]
+
+    @property
+    def num_users(self) -> int:
+        return len(self.scenes)
+
+    def user_data(self, user: int):
+        return self._train[user]
+
+    def user_test_data(self, user: int):
+        return self._test[user]
+
+    def test_data(self):
+        return self._test[0]
+
+
+def constant_baseline(dataset: SceneDataset) -> dict[str, float]:
+    """Predict every pixel at the scene's mean training coordinate: the floor any model must beat
+    (PnP on a constant has no pose, so its errors are infinite; the coordinate error is finite)."""
+    errs = []
+    for user in range(dataset.num_users):
+        train, test = dataset.user_data(user), dataset.user_test_data(user)
+        centre = (train.coords * train.valid[:, None]).sum(dim=(0, 2, 3)) / train.valid.sum()
+        errs.append(
+            torch.linalg.vector_norm(test.coords - centre[None, :, None, None], dim=1)[test.valid]
+        )
+    return {"median_coordinate_error_m": float(torch.cat(errs).median())}

@@ -4,7 +4,7 @@ A speaker is an espeak-ng voice (an English accent plus a voice variant) with it
 speed. Sentences come from a small grammar over an embedded vocabulary (no text download). The
 corpus is written in LibriSpeech layout (``<subset>/<speaker>/<chapter>/<id>.flac`` and
 ``.trans.txt``), or in Common Voice layout (``clips/*.mp3`` and a TSV), so the real readers of
-:mod:`dpfl.simulations.speech` load it.
+:mod:`dpfl.recipes.asr.data` load it.
 
 Requires the ``espeak-ng`` program (Debian package ``espeak-ng``).
 """

@@ -1,0 +1,181 @@
+"""The run folder: the config, metrics as JSON lines, the charge journal, checkpoints, the
+summary and the final model. Every way of running writes the same folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpfl.config import RunConfig
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
+
+
+CLIENT_STATE = "clients/state.pt"
+"""The simulated clients' own state (client-kept parameters), apart from the server's
+checkpoint: it identifies the users who trained, as a device's own disk would."""
+
+
+class RunWriter:
+    """The run folder: ``config.toml``-like ``config.json``, ``metrics.jsonl``, ``summary.json``."""
+
+    RUN_FILES = (
+        "metrics.jsonl",
+        "charges.jsonl",
+        "checkpoint.pt",
+        "summary.json",
+        "config.json",
+        "model.pt",
+        CLIENT_STATE,
+    )
+    """What a run leaves in its folder (a new run refuses to write over them)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        resume: bool = False,
+        enabled: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        """A new run (neither ``resume`` nor ``overwrite``) refuses a folder that holds a run:
+        nothing a user made is deleted without being asked. ``overwrite`` deletes that run's
+        files first. ``enabled = False``: a writer that reads but never writes (the other ranks
+        of a distributed simulation; rank 0 writes)."""
+        self.dir = Path(run_dir)
+        self.enabled = enabled
+        self.metrics_path = self.dir / "metrics.jsonl"
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"config key run-dir = {str(run_dir)!r} is a file, not a folder")
+        if resume:
+            if not self.checkpoint_path.is_file():
+                raise ValueError(
+                    f"cannot resume: {self.dir} holds no checkpoint.pt (a run checkpoints with "
+                    "checkpoint-every > 0)"
+                )
+            return
+        if not enabled:
+            return  # rank 0 checks (and may clear) the folder
+        found = [name for name in self.RUN_FILES if (self.dir / name).exists()]
+        if found and not overwrite:
+            raise ValueError(
+                f"the run folder {self.dir} already holds a run ({', '.join(found)}): continue it "
+                "with --resume, replace it with --overwrite, or choose another run-dir"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in found:
+            (self.dir / name).unlink()
+
+    def write_config(self, cfg: RunConfig, extra: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        data = {"config": cfg.to_dict(), **extra, "machine": platform.platform()}
+        (self.dir / "config.json").write_text(json.dumps(_json_value(data), indent=2) + "\n")
+
+    def truncate_after(self, round_number: int) -> int:
+        """On resume: drop metric lines of rounds after the checkpoint (they will be re-run);
+        returns how many were dropped (a torn last line, from a crash mid-write, counts)."""
+        if not self.metrics_path.exists():
+            return 0
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line).get("round", 0) <= round_number
+            except json.JSONDecodeError:
+                return False
+
+        keep = [line for line in lines if kept(line)]
+        if self.enabled:
+            self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        return len(lines) - len(keep)
+
+    def initial_eval(self) -> dict[str, float] | None:
+        """The evaluation before training (the round-0 line), if the metrics file has it."""
+        if not self.metrics_path.exists():
+            return None
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("round") == 0:
+                return {k[5:]: v for k, v in row.items() if k.startswith("eval_")} or None
+        return None
+
+    @property
+    def charges_path(self) -> Path:
+        return self.dir / "charges.jsonl"
+
+    def record_charge(self, round_number: int, attempt: int, z: float, q: float) -> None:
+        """One charged attempt, written and flushed to disk before anything it produced is
+        released (a metric line, a checkpoint, the model sent to the next cohort), so a crash
+        can never lose a charge."""
+        if not self.enabled:
+            return
+        line = json.dumps(
+            {"round": round_number, "attempt": attempt, "noise_multiplier": z, "sample_rate": q}
+        )
+        with self.charges_path.open("a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_charges(self, default: tuple[float, float]) -> list[tuple[float, float]] | None:
+        """The charged attempts as (z, q), or None when the folder has no journal. A torn last
+        line (a crash mid-write) counts, at ``default``: the charge may have been meant."""
+        if not self.charges_path.exists():
+            return None
+        out = []
+        for line in self.charges_path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out.append((float(row["noise_multiplier"]), float(row["sample_rate"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                out.append(default)
+        return out
+
+    def keep_charges(self, count: int) -> None:
+        """Keep the first ``count`` journal lines (a reproducible replay writes the rest again)."""
+        if not self.enabled or not self.charges_path.exists():
+            return
+        lines = [x for x in self.charges_path.read_text().splitlines() if x.strip()][:count]
+        self.charges_path.write_text("".join(line + "\n" for line in lines))
+
+    def append(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **metrics}
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(_json_value(record)) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        (self.dir / "summary.json").write_text(json.dumps(_json_value(summary), indent=2) + "\n")
+
+    def write_model(self, weights: dict[str, torch.Tensor]) -> None:
+        """The final global model (trainable parameters), readable with weights_only=True."""
+        if not self.enabled:
+            return
+        torch.save(weights, self.dir / "model.pt")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.dir / "checkpoint.pt"

@@ -1,0 +1,82 @@
+"""The built-in classification recipe: an MLP on generated, non-IID users (the embedded default
+of ``dpfl simulate``; no download)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpfl.config import RunConfig
+from dpfl.data.federated import SyntheticClassification
+from dpfl.models.mlp import MLP
+from dpfl.recipes import Recipe
+from dpfl.recipes.common import check_norm, norm_name
+
+DEFAULT_USERS = 2000
+"""Users generated when the config leaves population at 0."""
+
+
+@dataclass
+class ClassificationTask:
+    """Softmax classification with cross-entropy; metric: accuracy."""
+
+    features: int = 32
+    classes: int = 10
+    hidden: tuple[int, ...] = (64,)
+    norm: str = "none"
+    norm_options: Any = None
+    name: str = "classification"
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    def build_model(self) -> nn.Module:
+        return MLP([self.features, *self.hidden, self.classes], self.norm, self.norm_options)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return nn.functional.cross_entropy(model(batch["x"].to(device)), batch["y"].to(device))
+
+    def per_example_loss(self, forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of each example; ``forward`` maps inputs to logits (vectorised
+        training calls it with a functional model)."""
+        return nn.functional.cross_entropy(forward(batch["x"]), batch["y"], reduction="none")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data) -> dict[str, float]:
+        model.eval()
+        total, correct, loss_sum = 0, 0, 0.0
+        device = next(model.parameters()).device
+        for batch in data.batches(4096):
+            x, y = batch["x"].to(device), batch["y"].to(device)
+            logits = model(x)
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == y).sum().item()
+            total += len(y)
+        model.train()
+        if total == 0:
+            raise ValueError("cannot evaluate on an empty dataset")
+        return {"accuracy": correct / total, "loss": loss_sum / total}
+
+
+def task(cfg: RunConfig) -> ClassificationTask:
+    return ClassificationTask(
+        hidden=cfg.hidden_sizes, norm=norm_name(cfg, "none"), norm_options=cfg.norm_options()
+    )
+
+
+def data(cfg: RunConfig) -> SyntheticClassification:
+    return SyntheticClassification(
+        num_users=cfg.population or DEFAULT_USERS,
+        examples_per_user=cfg.examples_per_user,
+        seed=cfg.seed,
+    )
+
+
+def check(cfg: RunConfig) -> None:
+    check_norm(cfg, "none", "last", "the MLP")
+
+
+RECIPE = Recipe("classification", task, data, check, __doc__ or "")
