@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-from dpfl import __version__
 
 _IMPORTED_AT = time.perf_counter()
 
@@ -529,7 +528,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from dpfl.profiling import profiled
-    from dpfl.report import statement_lines
+    from dpfl.tools.report import statement_lines
     from dpfl.simulation import simulate
 
     cfg = _config_from_args(args)
@@ -582,6 +581,15 @@ def _checkpoint_line(cfg) -> str:
 
 def _config_from_args(args: argparse.Namespace):
     from dpfl.config import RunConfig
+
+    # A task or data given by import path is looked up as `python -m` would: from the working
+    # folder, and from the config file's folder (a console script has neither on sys.path).
+    folders = [os.getcwd()]
+    if getattr(args, "config", None):
+        folders.append(os.path.dirname(os.path.abspath(args.config)))
+    for folder in folders:
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("key:") and v is not None}
     overrides.update(getattr(args, "task_options", {}))
@@ -763,7 +771,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dpfl.report import report, write_comparison
+    from dpfl.tools.report import report, write_comparison
 
     several = len(args.run_dir) > 1
     for k, run_dir in enumerate(args.run_dir):
@@ -825,7 +833,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from dpfl.config import suggestion
-    from dpfl.privacy.audit import MODES, run_audit
+    from dpfl.tools.audit import MODES, run_audit
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -851,7 +859,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dpfl", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"dpfl {__version__}")
+    from importlib.metadata import version
+
+    parser.add_argument("--version", action="version", version=f"dpfl {version('dpfl')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_budget(sub)
     _add_simulate(sub)

@@ -122,19 +122,16 @@ def simulate(
 
 
 def _labelled(cfg: RunConfig, task: Any, data: Any) -> RunConfig:
-    """The config recording which task and data ran: the import path of their classes (so a
-    resumed run with another task or dataset is refused)."""
+    """The config recording which task and data ran: the import paths of their classes (so the
+    run folder says what trained, and a resume with another task or dataset is refused)."""
     from dataclasses import replace
 
-    from_recipe = cfg.task == "classification" and not cfg.data  # the defaults: not named
-    if not from_recipe:
-        return cfg
     return replace(cfg, task=object_label(task), data=object_label(data))
 
 
 def _result(summary: dict[str, Any], run) -> Result:
     from dpfl.client.train import load_weights
-    from dpfl.report import statement_lines
+    from dpfl.tools.report import statement_lines
 
     cfg = run.cfg
     result = Result(summary)

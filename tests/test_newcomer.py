@@ -13,7 +13,7 @@ import pytest
 from dpfl.cli import build_parser, main
 from dpfl.config import RunConfig
 from dpfl.privacy.accounting import PRV_EPS_ERROR, compute_epsilon
-from dpfl.report import load_run, panel_keys, statement_lines
+from dpfl.tools.report import load_run, panel_keys, statement_lines
 from dpfl.simulation import simulate
 
 DPFL = str(Path(sys.executable).with_name("dpfl"))
@@ -234,7 +234,7 @@ def test_every_argument_of_every_subcommand_has_help():
 
 
 def test_audit_checks_every_mode_before_any_work(capsys, monkeypatch):
-    import dpfl.privacy.audit as audit
+    import dpfl.tools.audit as audit
 
     ran = []
     monkeypatch.setattr(audit, "run_audit", lambda *args: ran.append(args))

@@ -31,7 +31,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from dpfl.config import RunConfig
 from dpfl.flower.client_app import handle_train
 from dpfl.flower.strategy import DPFedAvg
-from dpfl.report import statement_lines
+from dpfl.tools.report import statement_lines
 from dpfl.server.sampling import CohortSampler
 
 POPULATION = 40

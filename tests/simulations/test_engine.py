@@ -186,7 +186,7 @@ PUBLIC = {
 
 
 def test_by_default_no_exact_count_is_released_and_the_report_still_works(tmp_path):
-    from dpfl.report import report
+    from dpfl.tools.report import report
 
     c = cfg(
         tmp_path,
@@ -220,7 +220,7 @@ def test_a_pld_run_names_its_epsilon_and_stays_within_its_target(tmp_path):
 
 
 def test_the_reports_extrapolation_counts_every_charged_attempt(tmp_path):
-    from dpfl.report import statement_lines
+    from dpfl.tools.report import statement_lines
 
     c = cfg(
         tmp_path,

@@ -7,7 +7,7 @@ from tests.support.runs import federated_run
 from dpfl.server.round import load_checkpoint
 
 from dpfl.config import RunConfig
-from dpfl.report import statement_lines
+from dpfl.tools.report import statement_lines
 from dpfl.simulation import simulate
 
 

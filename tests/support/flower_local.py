@@ -141,9 +141,11 @@ def flwr_run(
     *,
     federation_config: str | None = None,
     timeout: float = 3600,
+    app: Path = ROOT,
 ) -> subprocess.CompletedProcess:
-    """``flwr run . <connection> --stream`` with dpfl config ``values``."""
-    cmd = [str(BIN / "flwr"), "run", ".", connection, "--stream"]
+    """``flwr run <app> <connection> --stream`` with dpfl config ``values`` (``app``: the
+    folder of the Flower app's pyproject.toml, dpfl's own by default)."""
+    cmd = [str(BIN / "flwr"), "run", str(app), connection, "--stream"]
     if federation_config:
         cmd += ["--federation-config", federation_config]
     cmd += ["--run-config", run_config_arg(values)]
@@ -156,8 +158,10 @@ def flwr_run_simulation(
     env: dict[str, str],
     cpus_per_client: float = 1,
     timeout: float = 3600,
+    app: Path = ROOT,
 ) -> subprocess.CompletedProcess:
-    """``flwr run . local --stream`` with dpfl config ``values`` on ``num_supernodes`` nodes."""
+    """``flwr run <app> local --stream`` with dpfl config ``values`` on ``num_supernodes``
+    nodes."""
     return flwr_run(
         "local",
         values,
@@ -166,6 +170,7 @@ def flwr_run_simulation(
             f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
         ),
         timeout=timeout,
+        app=app,
     )
 
 

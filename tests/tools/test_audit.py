@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from dpfl.privacy.audit import clopper_pearson, epsilon_lower_bound, run_audit
+from dpfl.tools.audit import clopper_pearson, epsilon_lower_bound, run_audit
 
 
 def test_clopper_pearson_known_values():
