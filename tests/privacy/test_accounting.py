@@ -178,8 +178,8 @@ def test_tiny_noise_is_refused_before_any_grid_is_built(monkeypatch, accountant,
     def must_not_run(*args, **kwargs):
         raise AssertionError("the grid computation ran for a refused setting")
 
-    monkeypatch.setattr(acc, "_prv_epsilon", must_not_run)
-    monkeypatch.setattr(acc, "_pld_epsilon", must_not_run)
+    monkeypatch.setattr(acc.get_accountant("prv"), "compute", must_not_run)
+    monkeypatch.setattr(acc.get_accountant("pld"), "compute", must_not_run)
     with pytest.raises(AccountantRangeError, match="use the rdp accountant"):
         compute_epsilon(z, q, t, 1e-9, accountant)
     fallback = compute_epsilon(z, q, t, 1e-9, accountant, fallback=True)
@@ -234,10 +234,9 @@ def test_alternating_settings_are_grouped_before_accounting(monkeypatch):
         ledger.record(1.0 if i % 2 else 2.0, 0.02)
     assert len(ledger.segments) == 60
     seen = []
-    real = acc._pld_epsilon
-    monkeypatch.setattr(
-        acc, "_pld_epsilon", lambda segs, d: seen.append(len(segs)) or real(segs, d)
-    )
+    pld = acc.get_accountant("pld")
+    real = pld.compute
+    monkeypatch.setattr(pld, "compute", lambda segs, d: seen.append(len(segs)) or real(segs, d))
     got = ledger.epsilon(1e-6, "pld").epsilon
     assert seen == [2]
     ref = dpa_pld.PLDAccountant(value_discretization_interval=1e-3)
@@ -343,6 +342,29 @@ def test_default_delta_is_below_one_over_population():
 def test_bad_input_is_a_clear_value_error(args, match):
     with pytest.raises(ValueError, match=match):
         compute_epsilon(*args)
+
+
+def test_accountants_are_one_interface_in_one_registry():
+    """Every accountant is a PrivacyAccountant found by name; a new one registers the same way
+    and is then accepted wherever an accountant is named."""
+    assert acc.ACCOUNTANTS == ("rdp", "prv", "pld")
+    for name in acc.ACCOUNTANTS:
+        assert isinstance(acc.get_accountant(name), acc.PrivacyAccountant)
+
+    class Doubled(acc.PrivacyAccountant):  # twice RDP's epsilon: a valid, looser bound
+        name = "rdp2"
+
+        def compute(self, segments, delta):
+            eps, note, order = acc.get_accountant("rdp").compute(segments, delta)
+            return 2 * eps, note, order
+
+    acc.register_accountant(Doubled())
+    try:
+        got = compute_epsilon(1.0, 0.1, 10, 1e-5, "rdp2")
+        assert got.epsilon == 2 * compute_epsilon(1.0, 0.1, 10, 1e-5).epsilon
+        assert got.accountant == "rdp2"
+    finally:
+        del acc.REGISTRY["rdp2"]
 
 
 def test_unknown_accountant():
