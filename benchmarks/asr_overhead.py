@@ -64,12 +64,12 @@ def plain_loop(values: dict, rounds: int) -> list[float]:
     """The same client work without dpfl's round machinery; per-round seconds."""
     import numpy as np
     import torch
-    from dpfl.loop.run import local_config
-    from dpfl.recipes import build_data as build_dataset
-    from dpfl.recipes import build_task
 
     from dpfl.client.train import batches
     from dpfl.config import RunConfig
+    from dpfl.loop.run import local_config
+    from dpfl.recipes import build_data as build_dataset
+    from dpfl.recipes import build_task
 
     cfg = RunConfig.from_mapping(values)
     torch.manual_seed(cfg.seed)
@@ -163,9 +163,8 @@ def main() -> dict:
 def run(rounds: int = 10, json_path: str | None = None, repeat: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         values = {**WORKLOAD, "data-dir": f"{tmp}/speech", "run-dir": f"{tmp}/run"}
-        from dpfl.recipes import build_data as build_dataset
-
         from dpfl.config import RunConfig
+        from dpfl.recipes import build_data as build_dataset
 
         t0 = time.perf_counter()
         build_dataset(RunConfig.from_mapping(values))  # synthesise the corpus (not timed)

@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-
 _IMPORTED_AT = time.perf_counter()
 
 EXIT_USAGE = 2
@@ -148,14 +147,16 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
         "--sigma-dp",
         type=_finite_float("--sigma-dp"),
         help="paper convention: noise std on the average, in units of C "
-        "(z = sigma_DP x cohort); needs --cohort",
+        "(z = sigma_DP x cohort); needs --cohort-size",
     )
     noise.add_argument(
         "--target-epsilon",
         type=_finite_float("--target-epsilon"),
         help="instead of epsilon, print the noise multiplier that reaches this epsilon",
     )
-    sampling = p.add_argument_group("sampling (--sample-rate, or --cohort and --population)")
+    sampling = p.add_argument_group(
+        "sampling (--sample-rate, or --cohort-size and --population)"
+    )
     sampling.add_argument(
         "--sample-rate",
         "-q",
@@ -163,7 +164,13 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
         help="probability that a user takes part in a round",
     )
     sampling.add_argument(
-        "--cohort", "-S", type=_int_arg("--cohort"), help="expected number of users per round"
+        "--cohort-size",
+        "--cohort",
+        "-S",
+        dest="cohort",
+        type=_int_arg("--cohort-size"),
+        help="expected number of users per round (the config key cohort-size; --cohort is an "
+        "older spelling)",
     )
     sampling.add_argument(
         "--population", "-K", type=_int_arg("--population"), help="number of users"
@@ -200,19 +207,19 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
         raise CliError(f"--rounds must be >= 1, got {args.rounds}")
     cohort, population = args.cohort, args.population
     if cohort is not None and cohort < 1:
-        raise CliError(f"--cohort must be >= 1, got {cohort}")
+        raise CliError(f"--cohort-size must be >= 1, got {cohort}")
     if population is not None and population < 1:
         raise CliError(f"--population must be >= 1, got {population}")
     if args.sample_rate is not None:
         if cohort is not None and population is not None:
-            raise CliError("give --sample-rate or --cohort/--population, not both")
+            raise CliError("give --sample-rate or --cohort-size/--population, not both")
         q = args.sample_rate
     elif cohort is not None and population is not None:
         if cohort > population:
-            raise CliError(f"--cohort ({cohort}) cannot exceed --population ({population})")
+            raise CliError(f"--cohort-size ({cohort}) cannot exceed --population ({population})")
         q = cohort / population
     else:
-        raise CliError("give --sample-rate, or both --cohort and --population")
+        raise CliError("give --sample-rate, or both --cohort-size and --population")
     if not 0 < q <= 1:
         raise CliError(f"--sample-rate must be in (0, 1], got {q:g}")
     if population is not None and cohort is None:
@@ -233,7 +240,7 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
         if sigma_dp <= 0:
             raise CliError(f"--sigma-dp must be > 0, got {sigma_dp:g}")
         if cohort is None:
-            raise CliError("--sigma-dp needs --cohort (z = sigma_DP x cohort)")
+            raise CliError("--sigma-dp needs --cohort-size (z = sigma_DP x cohort)")
         z = noise_multiplier_from_sigma_dp(sigma_dp, cohort)
     elif z is not None and cohort is not None:
         sigma_dp = z / cohort
@@ -528,8 +535,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from dpfl.profiling import profiled
-    from dpfl.tools.report import statement_lines
     from dpfl.simulation import simulate
+    from dpfl.tools.report import statement_lines
 
     cfg = _config_from_args(args)
     if args.resume and args.overwrite:
@@ -697,22 +704,29 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out_dir", help="folder to write the corpus to (kept if already complete)")
     p.add_argument(
+        "--synthetic-speakers",
         "--speakers",
-        type=_int_arg("--speakers"),
+        dest="speakers",
+        type=_int_arg("--synthetic-speakers"),
         default=40,
-        help="training speakers, one espeak-ng voice each (default: 40)",
+        help="training speakers, one espeak-ng voice each (default: 40; --speakers is an older "
+        "spelling)",
     )
     p.add_argument(
+        "--synthetic-utterances",
         "--utterances",
-        type=_int_arg("--utterances"),
+        dest="utterances",
+        type=_int_arg("--synthetic-utterances"),
         default=10,
-        help="utterances per speaker (default: 10)",
+        help="utterances per speaker (default: 10; also --utterances)",
     )
     p.add_argument(
+        "--synthetic-test-speakers",
         "--test-speakers",
-        type=_int_arg("--test-speakers"),
+        dest="test_speakers",
+        type=_int_arg("--synthetic-test-speakers"),
         default=8,
-        help="further speakers for the test split (default: 8)",
+        help="further speakers for the test split (default: 8; also --test-speakers)",
     )
     p.add_argument(
         "--layout",

@@ -13,8 +13,8 @@ import pytest
 from dpfl.cli import build_parser, main
 from dpfl.config import RunConfig
 from dpfl.privacy.accounting import PRV_EPS_ERROR, compute_epsilon
-from dpfl.tools.report import load_run, panel_keys, statement_lines
 from dpfl.simulation import simulate
+from dpfl.tools.report import load_run, panel_keys, statement_lines
 
 DPFL = str(Path(sys.executable).with_name("dpfl"))
 # A small, fast run of the embedded synthetic task.

@@ -133,8 +133,8 @@ def test_a_loss_that_is_not_a_mean_falls_back_with_the_reason(tmp_path, caplog):
                       "run-dir": str(tmp_path / "r")}, progress=False)  # fmt: skip
     assert "one by one" in caplog.text and "not the mean of its examples' losses" in caplog.text
     with pytest.raises(ValueError, match="vectorize = 'on'.*not the mean"):
-        dpfl.simulate(Summed(), make_data(users=30), {**config, "cohort-size": 10,
-                      "vectorize": "on", "run-dir": str(tmp_path / "o")}, progress=False)  # fmt: skip
+        on = {**config, "cohort-size": 10, "vectorize": "on", "run-dir": str(tmp_path / "o")}
+        dpfl.simulate(Summed(), make_data(users=30), on, progress=False)
 
 
 @pytest.fixture

@@ -18,64 +18,26 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Error,
-    Message,
     MessageType,
-    MetricRecord,
-    RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
 
 from dpfl.config import RunConfig
-from dpfl.flower.client_app import handle_train
 from dpfl.flower.strategy import DPFedAvg
-from dpfl.tools.report import statement_lines
 from dpfl.server.sampling import CohortSampler
+from dpfl.tools.report import statement_lines
+from tests.support.grid import NODE
+from tests.support.grid import InProcessGrid as _Grid
 
 POPULATION = 40
 BASE = {
     "population": POPULATION, "cohort-size": 8.0, "rounds": 3, "examples-per-user": 10,
     "noise-multiplier": 1.0, "target-epsilon": 0.0, "checkpoint-every": 1, "eval-every": 1,
 }  # fmt: skip
-NODE = 1000  # node id of user u: NODE + u
 
 
-class InProcessGrid:
-    """A Flower grid whose nodes answer in process: the user query, and train messages run
-    through the ClientApp's handler. Keeps every message it was asked to send."""
-
-    def __init__(self, failing: frozenset[int] = frozenset()) -> None:
-        self.sent: list[Message] = []
-        self.failing = failing  # users whose node answers a train message with an error
-
-    def get_node_ids(self):
-        return [NODE + u for u in range(POPULATION)]
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            TaskIdentity.node_id = node
-            if msg.metadata.message_type == MessageType.QUERY:
-                content = RecordDict({"info": ConfigRecord({"partition-id": node - NODE})})
-            elif node - NODE in self.failing:
-                replies.append(Message(Error(code=0, reason="out of memory"), reply_to=msg))
-                continue
-            else:
-                delta, metrics, _ = handle_train(
-                    dict(msg.content["config"]),
-                    msg.content["arrays"].to_torch_state_dict(),
-                    {"partition-id": node - NODE},
-                )
-                content = RecordDict(
-                    {"arrays": ArrayRecord(delta), "metrics": MetricRecord(metrics)}
-                )
-            replies.append(Message(content=content, reply_to=msg))
-        TaskIdentity.node_id = 0
-        return replies
+def InProcessGrid(failing: frozenset[int] = frozenset()) -> _Grid:
+    return _Grid(POPULATION, failing)
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +61,6 @@ def flower_run(tmp_path, monkeypatch, **over):
     cfg = RunConfig.from_mapping({**BASE, "run-dir": str(tmp_path / "run"), **over})
     grid = InProcessGrid(failing=frozenset(range(0, POPULATION, 3)))
     from dpfl.flower.strategy import discover_users
-
     from dpfl.recipes import resolve
 
     made_of = resolve(cfg)

@@ -32,10 +32,19 @@ def test_pins():
     assert any(d.startswith("flwr[simulation]>=1.42,<1.43") for d in deps)
 
 
-def test_readme_python_example_runs(capsys):
+def test_readme_python_examples_run(capsys, tmp_path, monkeypatch):
+    """Both Python blocks of the README, as written: your own model first, then the privacy
+    core."""
     text = (ROOT / "README.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    exec(compile(code, "README.md", "exec"), {})
+    own, core = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    monkeypatch.chdir(tmp_path)  # its run folder
+    scope: dict = {}
+    exec(compile(own, "README.md", "exec"), scope)
+    result, data = scope["result"], scope["data"]
+    assert result.config.population == data.num_users >= 90  # K from the data
+    assert result.epsilon["rdp"] <= 8.0 and result.delta <= 1 / (10 * data.num_users)
+    assert result["final"]["accuracy"] > 0.3  # chance: 0.1
+    exec(compile(core, "README.md", "exec"), {})
     assert "EpsilonResult(epsilon=" in capsys.readouterr().out
 
 

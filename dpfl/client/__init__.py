@@ -1,4 +1,3 @@
-"""Flower ClientApp and the local training step (issue [2/8]).
-
-Empty until the federated core lands; the package exists so the layout of DESIGN.md is fixed.
-"""
+"""One client's step: local training from the global weights, the delta, and its clipping
+(:mod:`dpfl.client.train`), and a whole cohort's steps as one vectorised computation
+(:mod:`dpfl.client.vectorized`)."""

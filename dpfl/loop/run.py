@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import torch
 
 from dpfl.api import hook
 from dpfl.client.train import (
-    LocalTrainConfig,
     Weights,
     federated_split,
     global_weights,
@@ -29,69 +27,27 @@ from dpfl.client.train import (
 )
 from dpfl.config import RunConfig
 from dpfl.loop.plan import NoisePlan, privacy_statement, resolve_noise, server_spec
+from dpfl.loop.progress import Progress
+from dpfl.loop.resume import read_checkpoint, resume_run
+from dpfl.loop.setup import (  # noqa: F401 (client_seed, local_config: the engines' too)
+    client_seed,
+    load_model_file,
+    local_config,
+    pick_device,
+    with_population,
+)
 from dpfl.loop.writer import CLIENT_STATE, RunWriter
-from dpfl.privacy.accounting import EpsilonResult, PrivacyLedger
+from dpfl.privacy.accounting import EpsilonResult
 from dpfl.profiling import round_done, section
 from dpfl.server.round import (
     EventLog,
     RoundAggregator,
     ServerState,
-    load_checkpoint,
     save_checkpoint,
 )
 from dpfl.server.sampling import CohortSampler
 
 log = logging.getLogger(__name__)
-
-
-def client_seed(seed: int, round_number: int, user: int) -> int:
-    """The local-training seed of one user in one round (the same in every way of running)."""
-    seq = np.random.SeedSequence([int(seed), 11, int(round_number), int(user)])
-    return int(seq.generate_state(1)[0])
-
-
-def with_population(cfg: RunConfig, users: int, where: str = "the data") -> RunConfig:
-    """``cfg`` with population = ``users`` (the dataset's K, from which q = cohort-size / K);
-    ValueError naming both numbers when the config sets another."""
-    if cfg.population not in (0, users):
-        raise ValueError(
-            f"config key population = {cfg.population}, but {where} has {users} users: set "
-            f"population = {users} (or leave it at 0: the dataset's number of users)"
-        )
-    return cfg if cfg.population == users else replace(cfg, population=users)
-
-
-def load_model_file(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a ``model.pt`` (trainable parameters, as written by a run) into ``model``."""
-    try:
-        weights = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise ValueError(f"config key init-model: {path} does not exist") from None
-    load_weights(model, weights)
-
-
-def pick_device(cfg: RunConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config key device = 'cuda': no CUDA device is available")
-    return torch.device(cfg.device)
-
-
-def local_config(cfg: RunConfig) -> LocalTrainConfig:
-    return LocalTrainConfig(
-        epochs=cfg.local_epochs,
-        steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.client_lr,
-        optimizer=cfg.client_optimizer,
-        options=cfg.client_options(),
-        grad_clip=cfg.client_grad_clip,
-        batch_seconds=cfg.batch_seconds,
-        precision=cfg.precision,
-        micro_batch_size=cfg.micro_batch_size,
-        micro_batch_seconds=cfg.micro_batch_seconds,
-    )
 
 
 # Collects one attempt's updates into the aggregator; returns its non-private diagnostics
@@ -219,93 +175,10 @@ class FederatedRun:
         return not self.sampler.secure
 
     def _read_checkpoint(self) -> dict[str, Any]:
-        """The run folder's checkpoint, if its config matches this one. Only ``rounds`` may
-        differ, and only grow: that extends the run (same noise, same ledger, same budget)."""
-        ckpt = load_checkpoint(self.writer.checkpoint_path)
-        old, new = ckpt["config"], self.cfg.to_dict()
-        defaults = RunConfig().to_dict()
-        changed = [
-            key for key in new if old.get(key, defaults.get(key)) != new[key] and key != "rounds"
-        ] + [key for key in old if key not in new]
-        if changed:
-            shown = "; ".join(
-                f"{key}: {old.get(key, defaults.get(key))!r} -> {new.get(key, '(gone)')!r}"
-                for key in changed
-            )
-            raise ValueError(
-                f"cannot resume {self.cfg.run_dir}: its checkpoint was written with a different "
-                f"config ({shown}); only rounds may change, to extend the run"
-            )
-        done = ckpt["server"]["round"]
-        if new["rounds"] != old["rounds"]:
-            if new["rounds"] < max(old["rounds"], done):
-                raise ValueError(
-                    f"config key rounds = {new['rounds']}: a resumed run can extend its "
-                    f"{old['rounds']} planned rounds, not shorten them"
-                )
-            if "noise" not in ckpt and self.cfg.dp_enabled:
-                raise ValueError(
-                    "cannot extend this run: its checkpoint does not record the noise it "
-                    "started with (written by an older dpfl)"
-                )
-            log.info(
-                "extending the run from %d to %d planned rounds (noise kept: z is not "
-                "recalibrated; the budget stop still applies)",
-                old["rounds"],
-                new["rounds"],
-            )
-        return ckpt
+        return read_checkpoint(self.cfg, self.writer.checkpoint_path)
 
     def _resume(self) -> None:
-        ckpt = self.prior
-        self.state.load_state_dict(ckpt["server"])
-        clients = Path(self.cfg.run_dir) / CLIENT_STATE
-        if self.private and clients.exists():
-            self.private_store = load_checkpoint(clients)
-        # Rank 0 alone reads the journal and truncates the metrics; every rank takes its ledger.
-        if self.primary:
-            self._charge_replays()
-        ledger = self.share(self.state.ledger.to_dict() if self.primary else None)
-        self.state.ledger = PrivacyLedger.from_dict(ledger)
-        log.info("resumed from round %d", self.state.round)
-
-    def _charge_replays(self) -> None:
-        """Charge what ran after the checkpoint and will run again.
-
-        The journal (``charges.jsonl``) holds every attempt charged before its release; the
-        checkpoint's ledger holds those up to the checkpoint. The attempts in between released
-        aggregates that the re-run will not reproduce, so they stay charged, unless the run is
-        fully reproducible (noise-seed and sampling-seed): then the re-run repeats exactly the
-        same releases (same cohorts, same noise) and reveals nothing new. A run with a noise
-        seed but secret cohorts would repeat the lost rounds' noise on other cohorts, so it is
-        moved to fresh noise streams: two sums under one noise would release their difference
-        without any noise.
-        """
-        spec, state = self.spec, self.state
-        metric_lines = self.writer.truncate_after(state.round)
-        if not spec.dp:
-            return
-        kept = state.ledger.rounds
-        charged = spec.charged_noise_multiplier, spec.sample_rate
-        journal = self.writer.read_charges(default=charged)
-        extra = journal[kept:] if journal is not None else []
-        if len(extra) < metric_lines:  # an older folder, or a journal that lost lines
-            extra += [charged] * (metric_lines - len(extra))
-        if not extra:
-            return
-        if not state.noise.secure and not self.sampler.secure:
-            self.writer.keep_charges(kept)
-            log.info("reproducible run: the %d replayed attempts repeat exactly", len(extra))
-            return
-        for z, q in extra:
-            state.ledger.record(z, q)
-        log.warning("charging %d replayed attempts to the privacy budget", len(extra))
-        if not state.noise.secure:
-            state.noise.skip_to_fresh_streams()
-            log.warning(
-                "noise-seed with secret cohorts: the replayed rounds draw fresh noise (their old "
-                "noise on other cohorts would release the difference of two sums unnoised)"
-            )
+        resume_run(self)
 
     def evaluate(self) -> dict[str, float]:
         if not self.primary:
@@ -499,7 +372,7 @@ class FederatedRun:
         self.checkpointed = state.round if self.prior is not None else -1
         stopped_for_budget = crashed = False
         round_times: list[float] = []
-        bar = _Progress(self.progress, cfg.rounds, state.round)
+        bar = Progress(self.progress, cfg.rounds, state.round)
         try:
             while state.round < cfg.rounds:
                 if stop_after_round is not None and state.round >= stop_after_round:
@@ -572,36 +445,3 @@ class FederatedRun:
         self.writer.write_summary(summary)
         self.writer.write_model(state.weights())
         return summary
-
-
-class _Progress:
-    """A rich progress bar over rounds (or nothing when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.bar = Progress(
-                TextColumn("rounds"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-            )
-            self.task = self.bar.add_task("rounds", total=total, completed=done, info="")
-            self.bar.start()
-
-    def update(self, metrics: dict[str, Any], metric: str) -> None:
-        if self.bar is None:
-            return
-        parts = []
-        if f"eval_{metric}" in metrics:
-            parts.append(f"{metric} {metrics[f'eval_{metric}']:.4f}")
-        eps = [k for k in metrics if k.startswith("epsilon_")]
-        if eps:  # the configured accountant's when it was computed, else RDP's
-            parts.append(f"eps {metrics[eps[-1]]:.3g}")
-        self.bar.update(self.task, advance=1, info="  ".join(parts))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

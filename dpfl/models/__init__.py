@@ -1,4 +1,2 @@
-"""Models trained with dpfl and the optimizer / normalisation registries (issues [2/8]-[5/8]).
-
-Empty until those issues land; the package exists so the layout of DESIGN.md is fixed.
-"""
+"""The models users train with dpfl (an MLP, CTC speech recognisers, OFVL-MS localisation nets)
+and the registries of client/server optimizers and normalisation layers by name."""

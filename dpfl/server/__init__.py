@@ -1,4 +1,3 @@
-"""Flower ServerApp, the DP-FedAvg strategy and server optimizers (issue [2/8]).
-
-Empty until the federated core lands; the package exists so the layout of DESIGN.md is fixed.
-"""
+"""The server's step: validate every update, sum, add the Gaussian noise, divide by the expected
+cohort, apply the server optimizer and charge the ledger (:mod:`dpfl.server.round`); secret
+cohort sampling (:mod:`dpfl.server.sampling`)."""

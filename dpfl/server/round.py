@@ -3,7 +3,7 @@
 Framework-free: the Flower strategy and the in-process simulator both drive this class, so the
 ways of running dpfl cannot disagree about the maths or the privacy accounting.
 
-    state = ServerState.create(weights, spec, rounds)
+    state = ServerState(weights, spec, rounds)
     agg = state.begin_round()
     for update in replies:        # each a name -> tensor delta
         agg.add(update)           # validated; bad updates are rejected with a reason

@@ -7,8 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-from dpfl.recipes.classification import ClassificationTask
-from dpfl.recipes import build_task
 
 from dpfl.client.train import (
     LocalTrainConfig,
@@ -23,6 +21,8 @@ from dpfl.config import RunConfig
 from dpfl.data import SyntheticClassification
 from dpfl.flower.client_app import handle_train, node_run_config
 from dpfl.privacy.clipping import ClipConfig
+from dpfl.recipes import build_task
+from dpfl.recipes.classification import ClassificationTask
 
 TASK = ClassificationTask()
 DATA = SyntheticClassification(num_users=4, examples_per_user=23, seed=5)

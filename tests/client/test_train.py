@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from dpfl.recipes.classification import ClassificationTask
 
 from dpfl.client.train import LocalTrainConfig, global_weights, local_update
 from dpfl.data import SyntheticClassification
 from dpfl.privacy.clipping import ClipConfig
+from dpfl.recipes.classification import ClassificationTask
 
 TASK = ClassificationTask()
 DATA = SyntheticClassification(num_users=10, examples_per_user=30, seed=3)

@@ -4,14 +4,14 @@ import logging
 
 import pytest
 import torch
-from dpfl.api import TensorData
-from dpfl.recipes.classification import ClassificationTask
 
+from dpfl.api import TensorData
 from dpfl.client.train import LocalTrainConfig, global_weights, local_update
 from dpfl.client.vectorized import cohort_updates, why_not
 from dpfl.config import RunConfig
 from dpfl.models.optimizers import OptimizerOptions
 from dpfl.privacy.clipping import ClipConfig
+from dpfl.recipes.classification import ClassificationTask
 from dpfl.simulation import simulate
 
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from dpfl.recipes import build_task
 
 from dpfl.client.train import global_weights
 from dpfl.config import RunConfig
 from dpfl.flower.client_app import handle_train
+from dpfl.recipes import build_task
 
 
 def message_values(**over):

@@ -1,5 +1,7 @@
 """The Flower strategy's message handling, with hand-made messages (no Flower runtime)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,43 @@ def test_train_messages_carry_no_noise_or_sampling_seed():
         config = dict(msg.content["config"])
         assert "noise-seed" not in config and "sampling-seed" not in config
         assert "node-registry" not in config and config["seed"] == 0
+
+
+def test_start_honours_flowers_arguments_or_refuses_them(tmp_path):
+    """initial_arrays, num_rounds and evaluate_fn change the run; train_config and
+    evaluate_config are refused with a TypeError naming them (never silently ignored)."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    from dpfl.recipes import resolve
+    from tests.support.grid import InProcessGrid
+
+    KEYS = {"population": 6, "cohort-size": 3.0, "rounds": 5, "examples-per-user": 5,
+            "target-epsilon": 0.0, "noise-multiplier": 0.5}  # fmt: skip
+
+    def strategy(name: str) -> DPFedAvg:
+        cfg = RunConfig.from_mapping({**KEYS, "run-dir": str(tmp_path / name)})
+        made = resolve(cfg)
+        users = {u: 1000 + u for u in range(6)}
+        return DPFedAvg(made.cfg, users, task=made.task, dataset=made.dataset)
+
+    for name in ("train_config", "evaluate_config"):
+        with pytest.raises(TypeError, match=f"does not take {name}"):
+            strategy(name).start(InProcessGrid(6), **{name: ConfigRecord({"lr": 0.1})})
+
+    model = resolve(RunConfig.from_mapping(KEYS)).task.build_model()
+    zeros = {n: torch.zeros_like(t) for n, t in model.state_dict().items()}
+    seen = []
+
+    def evaluate_fn(server_round, arrays):
+        seen.append(server_round)
+        total = sum(float(t.sum()) for t in arrays.to_torch_state_dict().values())
+        return MetricRecord({"weight_sum": total})
+
+    s = strategy("ok")
+    result = s.start(InProcessGrid(6), initial_arrays=ArrayRecord(zeros), num_rounds=2,
+                     evaluate_fn=evaluate_fn)  # fmt: skip
+    assert seen == [0, 1, 2]  # before training, then every evaluation round
+    rows = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]  # num_rounds replaced rounds = 5
+    assert rows[0]["eval_weight_sum"] == 0.0  # the initial arrays were the zeros given
+    assert set(result.arrays.to_torch_state_dict()) == set(zeros)

@@ -3,12 +3,12 @@
 import json
 
 import torch
-from tests.support.runs import federated_run
-from dpfl.server.round import load_checkpoint
 
 from dpfl.config import RunConfig
-from dpfl.tools.report import statement_lines
+from dpfl.server.round import load_checkpoint
 from dpfl.simulation import simulate
+from dpfl.tools.report import statement_lines
+from tests.support.runs import federated_run
 
 
 def config(tmp_path, mode, **over):

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from dpfl.recipes import build_task
 
 from dpfl.config import RunConfig
 from dpfl.models.asr.text import ALPHABETS, CharTokenizer, TextStats
+from dpfl.recipes import build_task
 from dpfl.recipes.asr.data import SpeechFederatedDataset, Utterance, hold_out
 
 SENTENCE = "Café naïve, 42 times!"

@@ -136,12 +136,11 @@ def test_new_scene_adaptation_trains_only_scene_specific_parameters(scenes):
 def test_short_federated_run_beats_the_constant_baseline(tmp_path):
     """2 scenes, 12 rounds of OFVL-MS (layer-wise normalised shared deltas, FedAvg): the median
     scene-coordinate error on held-out frames drops below predicting each scene's mean point."""
-    from tests.support.runs import federated_run
-    from dpfl.recipes.localization import scene_names
-
     from dpfl.config import RunConfig
+    from dpfl.recipes.localization import scene_names
     from dpfl.recipes.localization.scenes import constant_baseline
     from dpfl.simulation import simulate
+    from tests.support.runs import federated_run
 
     cfg = RunConfig.from_mapping(
         {
