@@ -75,7 +75,8 @@ def client_steps(cfg) -> int:
     """Local steps of one client of the workload (every user holds the same number of examples)."""
     if cfg.local_steps > 0:
         return cfg.local_steps
-    return cfg.local_epochs * math.ceil(cfg.examples_per_user / cfg.batch_size)
+    examples = cfg.options("classification").examples_per_user
+    return cfg.local_epochs * math.ceil(examples / cfg.batch_size)
 
 
 def run(name: str, values: dict) -> dict:

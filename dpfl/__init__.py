@@ -14,6 +14,9 @@ A task is any object with ``metric``, ``build_model()``, ``loss(model, batch)`` 
 ``evaluate(model, data)`` (:class:`dpfl.api.Task` lists the optional hooks).
 """
 
+# The built-in recipes register their tables ([classification], [asr], [localization]) with the
+# config, so every config read after `import dpfl...` knows their keys and old flat names.
+from dpfl import recipes as _recipes  # noqa: E402, F401, I001
 from dpfl.api import ClientData, FederatedDataset, Task, TensorData
 from dpfl.config import RunConfig
 from dpfl.simulation import Result, simulate

@@ -8,7 +8,6 @@ ValueError naming the key and what it accepts.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import re
@@ -35,14 +34,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "accountant": ACCOUNTANTS,
     "sampling": SAMPLINGS,
     "device": ("auto", "cpu", "cuda"),
-    "asr_arch": ("transformer", "conformer"),
     "norm_stats": ("client", "server"),
     "on_too_few": ("skip", "retry"),
     "vectorize": ("auto", "on", "off"),
-    "asr_size": ("tiny", "small", "paper"),
-    "data_format": ("synthetic", "librispeech", "commonvoice"),
-    "test_split": ("", "speaker", "utterance"),
-    "alphabet": ("en", "latin"),
     "precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -80,6 +74,10 @@ class RunConfig:
             "TOML, task-options.KEY on the CLI and in Flower's run config"
         ),
     )
+    tables: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_doc("the recipes' own tables ([asr], [localization], ...): name -> options"),
+    )
     population: int = field(
         default=0,
         metadata=_doc(
@@ -87,90 +85,11 @@ class RunConfig:
             "2000); a number that disagrees with the dataset is refused"
         ),
     )
-    examples_per_user: int = field(default=50, metadata=_doc("synthetic task: examples per user"))
-    hidden: str = field(
-        default="64", metadata=_doc("synthetic task: MLP hidden sizes, e.g. '64,64'")
-    )
-    # --- speech (task = "asr")
-    asr_arch: str = field(default="transformer", metadata=_doc("asr: transformer or conformer"))
-    asr_size: str = field(default="tiny", metadata=_doc("asr: tiny, small or paper"))
-    asr_dropout: float = field(default=0.3, metadata=_doc("asr: dropout"))
-    asr_layerdrop: float = field(default=0.3, metadata=_doc("asr: layer-drop (transformer)"))
-    spec_augment: bool = field(default=True, metadata=_doc("asr: SpecAugment in training"))
-    data_format: str = field(
-        default="synthetic", metadata=_doc("asr data: synthetic, librispeech or commonvoice")
-    )
-    data_dir: str = field(default="data/synthetic-speech", metadata=_doc("asr: corpus folder"))
-    data_train: str = field(
-        default="",
-        metadata=_doc(
-            "asr: LibriSpeech subset folder or Common Voice TSV to train on ('': the format's "
-            "own, train or train.tsv)"
-        ),
-    )
-    data_test: str = field(
-        default="",
-        metadata=_doc(
-            "asr: LibriSpeech subset folder or Common Voice TSV to test on ('': the format's "
-            "own, test or test.tsv; ignored with test-split)"
-        ),
-    )
-    test_split: str = field(
-        default="",
-        metadata=_doc(
-            "asr, for a corpus without a test set: hold out test-fraction of the speakers "
-            "('speaker': they leave the federation) or of every speaker's utterances "
-            "('utterance': evaluation then uses users' data and is labelled non-private); "
-            "'' reads data-test"
-        ),
-    )
-    test_fraction: float = field(
-        default=0.1, metadata=_doc("asr: the fraction test-split holds out, in (0, 1)")
-    )
-    alphabet: str = field(
-        default="en",
-        metadata=_doc(
-            "asr: output characters: en (a-z, space, ' and -) or latin (en plus the paper's "
-            "accented letters for French and German); the model's output size follows it"
-        ),
-    )
-    synthetic_speakers: int = field(default=40, metadata=_doc("synthetic speech: speakers"))
-    synthetic_utterances: int = field(
-        default=10, metadata=_doc("synthetic speech: utterances per speaker")
-    )
-    synthetic_test_speakers: int = field(
-        default=8, metadata=_doc("synthetic speech: held-out test speakers")
-    )
-    seed_speakers: int = field(
-        default=0, metadata=_doc("asr: speakers kept out of the federation for a central seed")
-    )
-    max_test_utterances: int = field(
-        default=200, metadata=_doc("asr: evaluate on at most this many utterances (0: all)")
-    )
     batch_seconds: float = field(
         default=0.0, metadata=_doc("client batches of this many seconds of audio (0: batch-size)")
     )
     init_model: str = field(
         default="", metadata=_doc("start from this model.pt (e.g. a central seed); '' for none")
-    )
-    central_steps: int = field(default=1000, metadata=_doc("dpfl central: training steps"))
-    central_lr: float = field(default=1e-3, metadata=_doc("dpfl central: Adam learning rate"))
-    # --- visual localisation (task = "localization")
-    scenes_dir: str = field(
-        default="data/synthetic-scenes", metadata=_doc("localization: 7-Scenes-layout folder")
-    )
-    scenes: str = field(
-        default="", metadata=_doc("localization: scene names, comma-separated ('': synthetic)")
-    )
-    synthetic_scenes: int = field(default=3, metadata=_doc("synthetic scenes to render"))
-    scene_train_frames: int = field(default=60, metadata=_doc("synthetic: frames per scene"))
-    scene_test_frames: int = field(default=20, metadata=_doc("synthetic: test frames per scene"))
-    ofvl_adaptive: bool = field(
-        default=True, metadata=_doc("localization: layer-adaptive sharing (false: all shared)")
-    )
-    ofvl_score_init: float = field(default=0.6, metadata=_doc("localization: initial scores"))
-    ofvl_penalty: float = field(
-        default=1e-3, metadata=_doc("localization: weight of the L1 penalty on the scores")
     )
     # --- normalisation layers (dpfl.models.normalization)
     norm: str = field(
@@ -375,7 +294,17 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        # every registered table, with its defaults where the config sets nothing
+        self.tables = {
+            name: self.tables.get(name) or table.options() for name, table in TABLES.items()
+        }
         self.validate()
+
+    def options(self, table: str) -> Any:
+        """The options of a recipe's table (e.g. ``cfg.options("asr").size``)."""
+        if table not in self.tables:
+            raise ValueError(f"no config table [{table}] (tables: {', '.join(TABLES) or 'none'})")
+        return self.tables[table]
 
     # --- derived values
     @property
@@ -397,10 +326,6 @@ class RunConfig:
                 "users, known once the data is built (dpfl.recipes.resolve sets it)"
             )
         return self.population
-
-    @property
-    def hidden_sizes(self) -> tuple[int, ...]:
-        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
 
     def clip_config(self) -> ClipConfig | None:
         if self.clip_norm <= 0:
@@ -444,20 +369,10 @@ class RunConfig:
                 f"config key {key_of(name)} = {getattr(self, name)!r}: expected {accepted}"
             )
 
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "task_options":
-                _check_options(value)
-                continue
-            if f.type == "bool" and not isinstance(value, bool):
-                raise bad(f.name, "true or false")
-            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise bad(f.name, "an integer")
-            if f.type == "float":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise bad(f.name, "a number")
-                if not math.isfinite(value):
-                    raise bad(f.name, "a finite number")
+        _check_options(self.task_options)
+        _check_types(self)
+        for name, options in self.tables.items():
+            _check_types(options, f"{name}.")
         # which recipes exist is dpfl.recipes' to say: here only the form of the names
         for name in ("task", "data"):
             value = getattr(self, name)
@@ -470,21 +385,6 @@ class RunConfig:
         for name in ("rounds", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
-        for name in (
-            "synthetic_speakers",
-            "synthetic_utterances",
-            "central_steps",
-            "synthetic_scenes",
-            "scene_train_frames",
-            "scene_test_frames",
-        ):
-            if getattr(self, name) < 1:
-                raise bad(name, "an integer >= 1")
-        for name in ("asr_dropout", "asr_layerdrop"):
-            if not 0 <= getattr(self, name) < 1:
-                raise bad(name, "a number in [0, 1)")
-        if self.ofvl_penalty < 0:
-            raise bad("ofvl_penalty", "a number >= 0")
         for name in ("sim_dropout_rate", "sim_failure_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise bad(name, "a number in [0, 1]")
@@ -500,8 +400,6 @@ class RunConfig:
             raise bad("norm_warmup", "an integer >= 0")
         if self.norm_groups < 1:
             raise bad("norm_groups", "an integer >= 1")
-        if self.central_lr <= 0:
-            raise bad("central_lr", "a number > 0")
         if self.batch_seconds < 0:
             raise bad("batch_seconds", "a number >= 0")
         if self.micro_batch_size < 0:
@@ -513,16 +411,11 @@ class RunConfig:
             "local_steps",
             "checkpoint_every",
             "server_warmup_steps",
-            "synthetic_test_speakers",
-            "seed_speakers",
-            "max_test_utterances",
         ):
             if getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0")
         if self.local_epochs == 0 and self.local_steps == 0:
             raise bad("local_epochs", "an integer >= 1 when local-steps is 0")
-        if self.examples_per_user < 1:
-            raise bad("examples_per_user", "an integer >= 1")
         if self.cohort_size <= 0 or (self.population and self.cohort_size > self.population):
             raise ValueError(
                 f"config key cohort-size = {self.cohort_size!r}: expected a number in "
@@ -573,8 +466,6 @@ class RunConfig:
                 f"{default_delta(self.population):g}) or set allow-large-delta = true for an "
                 "experiment"
             )
-        if not 0 < self.test_fraction < 1:
-            raise bad("test_fraction", "a number in (0, 1)")
         if self.noise_seed < -1:
             raise bad("noise_seed", "-1 (secure) or a seed >= 0")
         if self.sampling_seed < -1:
@@ -586,12 +477,6 @@ class RunConfig:
                 "config key count-noise-multiplier is the noise on the count that min-replies "
                 "decides on: set min-replies > 0, or count-noise-multiplier = 0"
             )
-        try:
-            sizes = self.hidden_sizes
-        except ValueError:
-            raise bad("hidden", "comma-separated layer sizes such as '64,64'") from None
-        if any(h < 1 for h in sizes):
-            raise bad("hidden", "layer sizes >= 1")
         if self.target_epsilon > 0 and self.clip_norm == 0:
             raise ValueError(
                 "config key target-epsilon needs clipping: set clip-norm > 0 or target-epsilon = 0"
@@ -610,6 +495,10 @@ class RunConfig:
         for f in fields(self):
             if f.name == "task_options":
                 out.update({f"{OPTIONS}.{k}": v for k, v in sorted(self.task_options.items())})
+            elif f.name == "tables":
+                for name, options in self.tables.items():
+                    out.update({f"{name}.{key_of(o.name)}": getattr(options, o.name)
+                                for o in fields(options)})  # fmt: skip
             else:
                 out[key_of(f.name)] = getattr(self, f.name)
         return out
@@ -617,10 +506,25 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
         """``base`` (default: the defaults) updated with ``values`` (hyphenated keys)."""
-        current = dataclasses.asdict(base) if base is not None else {}
-        known = {key_of(f.name): f for f in fields(cls) if f.name != "task_options"}
+        current = (
+            {f.name: getattr(base, f.name) for f in fields(base)} if base is not None else {}
+        )
+        known = {key_of(f.name): f for f in fields(cls) if f.name not in ("task_options", "tables")}
         options = dict(current.get("task_options", {}))
+        raw: dict[str, dict[str, Any]] = {name: {} for name in TABLES}
         for key, value in values.items():
+            key = ALIASES.get(key, key)
+            if key in TABLES:
+                if not isinstance(value, Mapping):
+                    raise ValueError(
+                        f"config key {key} is a table ([{key}] in TOML), got {value!r}"
+                    )
+                raw[key].update({str(k): v for k, v in value.items()})
+                continue
+            table, dot, sub = key.partition(".")
+            if dot and table in TABLES:
+                raw[table][sub] = value
+                continue
             if key == OPTIONS:
                 if not isinstance(value, Mapping):
                     raise ValueError(
@@ -643,6 +547,11 @@ class RunConfig:
                 )
             current[f.name] = _coerce(key, f.type, value)
         current["task_options"] = options
+        tables = dict(current.get("tables", {}))
+        for name, given in raw.items():
+            if given or name not in tables:
+                tables[name] = TABLES[name].build(given, tables.get(name))
+        current["tables"] = tables
         return cls(**current)
 
     @classmethod
@@ -659,11 +568,77 @@ class RunConfig:
     @classmethod
     def describe_defaults(cls) -> list[tuple[str, Any, str]]:
         """(key, default, description) of every config key, for --help and docs."""
-        return [
+        core = [
             (key_of(f.name), f.default, f.metadata.get("doc", ""))
             for f in fields(cls)
-            if f.name != "task_options"  # a table, not a key: task-options.KEY
+            if f.name not in ("task_options", "tables")  # tables: KEY.SUBKEY
         ]
+        return core + [
+            (f"{name}.{key_of(o.name)}", o.default, f"[{name}] " + o.metadata.get("doc", ""))
+            for name, table in TABLES.items()
+            for o in fields(table.options)
+        ]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A recipe's own config table: ``[name]`` in TOML, ``name.KEY`` elsewhere.
+
+    ``options`` is a frozen dataclass of the table's keys (defaults, a ``doc`` in each field's
+    metadata, and an optional ``check()`` raising ValueError); ``aliases`` maps flat key names
+    from before the table existed (``asr-size``) to the table's (``size``): documented aliases.
+    """
+
+    name: str
+    options: type
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def build(self, given: Mapping[str, Any], base: Any = None) -> Any:
+        """The options ``base`` (default: the defaults) updated with ``given``."""
+        known = {key_of(f.name): f for f in fields(self.options)}
+        values = {f.name: getattr(base, f.name) for f in fields(base)} if base else {}
+        for key, value in given.items():
+            f = known.get(key)
+            if f is None:
+                raise ValueError(
+                    f"unknown config key {self.name}.{key}{suggestion(key, known)} (the "
+                    f"[{self.name}] table has {', '.join(known)})"
+                )
+            values[f.name] = _coerce(f"{self.name}.{key}", f.type, value)
+        options = self.options(**values)
+        _check_types(options, f"{self.name}.")
+        check = getattr(options, "check", None)
+        if check is not None:
+            check()
+        return options
+
+
+TABLES: dict[str, Table] = {}
+"""The registered recipes' tables (filled by :mod:`dpfl.recipes` on import)."""
+ALIASES: dict[str, str] = {}
+"""Flat key names of before the tables -> ``table.key`` (documented aliases)."""
+
+
+def register_table(table: Table) -> Table:
+    TABLES[table.name] = table
+    ALIASES.update({old: f"{table.name}.{new}" for old, new in table.aliases.items()})
+    return table
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    """ValueError naming the first field of a dataclass whose value has the wrong type."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + key_of(f.name)
+        if f.type == "bool" and not isinstance(value, bool):
+            raise ValueError(f"config key {key} = {value!r}: expected true or false")
+        if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"config key {key} = {value!r}: expected an integer")
+        if f.type == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"config key {key} = {value!r}: expected a number")
+            if not math.isfinite(value):
+                raise ValueError(f"config key {key} = {value!r}: expected a finite number")
 
 
 OPTIONS = "task-options"

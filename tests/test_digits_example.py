@@ -1,5 +1,6 @@
-"""examples/digits: a newcomer's own CNN and data under all three ways of running (Python, a TOML
-file naming the task by import path, and `flwr run` in Flower's simulation), which must agree."""
+"""examples/digits: a newcomer's own CNN and data run from Python and from a TOML file naming
+the task by import path, which must agree (the `flwr run` of the same example is in
+tests/test_flower.py, on that module's shared federation)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,7 @@ import pytest
 import torch
 
 from dpfl.cli import main as cli
-from tests.support.flower_local import (
-    ROOT,
-    flwr_run_simulation,
-    local_simulation_home,
-    stop_local_superlink,
-)
+from tests.support.flower_local import ROOT
 
 EXAMPLE = ROOT / "examples" / "digits"
 # Two rounds with fixed cohorts and noise: every way of running must give the same model.
@@ -74,21 +70,3 @@ def test_the_toml_file_is_the_python_config_by_import_path(digits, tmp_path, mon
                 f"--task-options.users={USERS}", "--run-dir", str(tmp_path / "toml"),
                 "-q"]) == 0  # fmt: skip
     assert_same(model, tmp_path / "toml" / "model.pt")
-
-
-@pytest.mark.slow
-def test_flwr_run_of_the_example_equals_the_python_run(digits, tmp_path):
-    app = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {
-        "serverapp": "dpfl.flower:server_app",
-        "clientapp": "dpfl.flower:client_app",
-    }
-    model, users = python_model(digits, tmp_path)
-    env = local_simulation_home(tmp_path / "flwr")
-    try:
-        values = {**SEEDED, "task-options.users": USERS, "run-dir": str(tmp_path / "flower")}
-        res = flwr_run_simulation(values, users, env, timeout=900, app=EXAMPLE)
-    finally:
-        stop_local_superlink(env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert_same(model, tmp_path / "flower" / "model.pt")

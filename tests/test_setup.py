@@ -74,7 +74,12 @@ def test_paper_config_is_the_papers_recipe():
     from dpfl.privacy.mechanisms import sigma_dp_from_noise_multiplier
 
     cfg = RunConfig.from_toml(ROOT / "configs" / "paper.toml")
-    assert (cfg.task, cfg.asr_size, cfg.clip_norm, cfg.clip_scheme) == ("asr", "paper", 0.01, "dim")
+    assert (cfg.task, cfg.options("asr").size, cfg.clip_norm, cfg.clip_scheme) == (
+        "asr",
+        "paper",
+        0.01,
+        "dim",
+    )
     assert (cfg.local_steps, cfg.client_lr, cfg.client_grad_clip) == (10, 0.2, 1.0)
     assert (cfg.server_optimizer, cfg.server_lr, cfg.server_eps) == ("lamb", 0.002, 1e-6)
     assert (cfg.server_schedule, cfg.server_schedule_step_size, cfg.server_schedule_gamma) == (
@@ -94,13 +99,20 @@ def test_every_config_file_parses():
         RunConfig.from_toml(path)
 
 
+def flower_config() -> dict:
+    """[tool.flwr.app.config] as Flower reads it: tables flattened to ``table.key``."""
+    from flwr.common.config import flatten_dict
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return flatten_dict(data["tool"]["flwr"]["app"]["config"])
+
+
 def test_flower_app_config_lists_every_config_key():
     """`flwr run --run-config` refuses keys missing from [tool.flwr.app.config] ("Invalid run
     configuration"), so every key of RunConfig must be there for every task to run under Flower."""
     from dpfl.config import RUN_CONTROL_KEYS, RunConfig
 
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    app = data["tool"]["flwr"]["app"]["config"]
+    app = flower_config()
     keys = list(RunConfig().to_dict()) + list(RUN_CONTROL_KEYS)
     assert [k for k in keys if k not in app] == []
     assert [k for k in app if k not in keys] == []
@@ -112,8 +124,7 @@ def test_flower_app_defaults_are_the_simulators_but_for_the_federations_size():
     differ from `dpfl simulate`'s only in the size of the federation and the run folder."""
     from dpfl.config import RUN_CONTROL_KEYS, RunConfig
 
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    app = data["tool"]["flwr"]["app"]["config"]
+    app = flower_config()
     defaults = RunConfig().to_dict()
     differ = {k for k in defaults if app[k] != defaults[k]}
     assert differ <= {"population", "cohort-size", "rounds", "run-dir"}, differ

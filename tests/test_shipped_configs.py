@@ -28,39 +28,40 @@ SPEAKERS, UTTERANCES, TEST_SPEAKERS = 3, 2, 1
 def size_overrides(name: str, data: dict, tmp: Path) -> dict:
     """What may change so the file runs here in seconds; everything else stays as shipped."""
     over: dict = {"rounds": 1, "local-steps": 1, "run-dir": str(tmp / "run")}
+    asr = data.get("asr", {})
     if data.get("task") == "asr":
-        over["asr-size"] = "tiny"
+        over["asr.size"] = "tiny"
         corpus = tmp / "corpus"
-        if data.get("data-format") == "synthetic":
+        if asr.get("data-format") == "synthetic":
             over.update(
                 {
-                    "data-dir": str(corpus),
-                    "synthetic-speakers": SPEAKERS,
-                    "synthetic-utterances": UTTERANCES,
-                    "synthetic-test-speakers": TEST_SPEAKERS,
-                    "seed-speakers": 1,
+                    "asr.data-dir": str(corpus),
+                    "asr.synthetic-speakers": SPEAKERS,
+                    "asr.synthetic-utterances": UTTERANCES,
+                    "asr.synthetic-test-speakers": TEST_SPEAKERS,
+                    "asr.seed-speakers": 1,
                     "population": SPEAKERS - 1,
                     "cohort-size": float(SPEAKERS - 1),
                 }
             )
         else:  # a real corpus folder: generate one in the file's layout
             layout = {"commonvoice": "commonvoice", "librispeech": "librispeech"}[
-                data["data-format"]
+                asr["data-format"]
             ]
             generate_corpus(corpus, SPEAKERS, UTTERANCES, TEST_SPEAKERS, seed=5, layout=layout)
             over.update(
                 {
-                    "data-dir": str(corpus),
-                    "population": SPEAKERS - data.get("seed-speakers", 0),
-                    "cohort-size": float(SPEAKERS - data.get("seed-speakers", 0)),
+                    "asr.data-dir": str(corpus),
+                    "population": SPEAKERS - asr.get("seed-speakers", 0),
+                    "cohort-size": float(SPEAKERS - asr.get("seed-speakers", 0)),
                 }
             )
     elif data.get("task") == "localization":
         over.update(
             {
-                "scenes-dir": str(tmp / "scenes"),
-                "scene-train-frames": 4,
-                "scene-test-frames": 2,
+                "localization.scenes-dir": str(tmp / "scenes"),
+                "localization.scene-train-frames": 4,
+                "localization.scene-test-frames": 2,
             }
         )
     else:
@@ -76,6 +77,9 @@ def test_shipped_config_runs_with_only_its_size_changed(path, tmp_path):
     summary = simulate(cfg, progress=False)
     assert summary["rounds_run"] == 1
     written = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
-    kept = {key: value for key, value in data.items() if key not in over}
+    from flwr.common.config import flatten_dict
+
+    kept = {key: value for key, value in flatten_dict(data).items() if key not in over}
     assert {key: written[key] for key in kept} == kept
+    assert any("." in key for key in kept) or data.get("task") == "classification"
     assert summary["final"], "the last round evaluates"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dpfl.api import ClientData, TensorData
+from dpfl.api import TensorData
 
 
 def _check_user(user: int, num_users: int) -> int:

@@ -33,7 +33,7 @@ from dpfl.client.train import (
     local_update,
     private_weights,
 )
-from dpfl.config import RunConfig
+from dpfl.config import ALIASES, RunConfig
 from dpfl.loop.run import client_seed, local_config, pick_device
 
 USER_KEY = "partition-id"
@@ -45,8 +45,8 @@ NODE_KEYS = (
     "precision",
     "micro-batch-size",
     "micro-batch-seconds",
-    "data-dir",
-    "scenes-dir",
+    "asr.data-dir",
+    "localization.scenes-dir",
     "system-metrics",
 )
 """Run-config keys a node may override in its node config: where its data lives and what its
@@ -95,7 +95,14 @@ def node_run_config(cfg: RunConfig, node_config: dict) -> RunConfig:
     """
     overrides = {}
     known = set(cfg.to_dict())
-    for key, value in node_config.items():
+    flat: dict = {}
+    for key, value in node_config.items():  # a TOML table ([asr]) as its dotted keys
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        key = ALIASES.get(key, key)  # data-dir: asr.data-dir
         if key in FLOWER_NODE_KEYS:
             continue
         if key in NODE_KEYS:

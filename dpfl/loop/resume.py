@@ -8,19 +8,30 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dpfl.config import RunConfig
+from dpfl.config import ALIASES, RunConfig
 from dpfl.loop.writer import CLIENT_STATE
 from dpfl.privacy.accounting import PrivacyLedger
 from dpfl.server.round import load_checkpoint
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_FORMAT = 2
+"""1: flat config keys; 2: the recipes' keys in their tables (``asr.size``)."""
+
 
 def read_checkpoint(cfg: RunConfig, path: Path) -> dict[str, Any]:
     """The run folder's checkpoint, if its config matches this one. Only ``rounds`` may
     differ, and only grow: that extends the run (same noise, same ledger, same budget)."""
     ckpt = load_checkpoint(path)
-    old, new = ckpt["config"], cfg.to_dict()
+    version = ckpt.get("format", 1)
+    if version > CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"cannot resume {cfg.run_dir}: its checkpoint has format {version}, newer than this "
+            f"dpfl's {CHECKPOINT_FORMAT}; resume it with the dpfl that wrote it"
+        )
+    # format 1 (before the recipes' tables): flat key names, read through their aliases
+    old = {ALIASES.get(key, key): value for key, value in ckpt["config"].items()}
+    new = cfg.to_dict()
     defaults = RunConfig().to_dict()
     changed = [
         key for key in new if old.get(key, defaults.get(key)) != new[key] and key != "rounds"

@@ -28,7 +28,7 @@ from dpfl.client.train import (
 from dpfl.config import RunConfig
 from dpfl.loop.plan import NoisePlan, privacy_statement, resolve_noise, server_spec
 from dpfl.loop.progress import Progress
-from dpfl.loop.resume import read_checkpoint, resume_run
+from dpfl.loop.resume import CHECKPOINT_FORMAT, read_checkpoint, resume_run
 from dpfl.loop.setup import (  # noqa: F401 (client_seed, local_config: the engines' too)
     client_seed,
     load_model_file,
@@ -346,6 +346,7 @@ class FederatedRun:
         save_checkpoint(
             self.writer.checkpoint_path,
             {
+                "format": CHECKPOINT_FORMAT,
                 "config": cfg.to_dict(),
                 "server": state.state_dict(),
                 "noise": dataclasses.asdict(self.noise),

@@ -3,13 +3,13 @@ of ``dpfl simulate``; no download)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from dpfl.config import RunConfig
+from dpfl.config import RunConfig, Table, register_table
 from dpfl.data.federated import SyntheticClassification
 from dpfl.models.mlp import MLP
 from dpfl.recipes import Recipe
@@ -61,16 +61,54 @@ class ClassificationTask:
         return {"accuracy": correct / total, "loss": loss_sum / total}
 
 
+@dataclass(frozen=True)
+class ClassificationOptions:
+    """The keys of the ``[classification]`` table."""
+
+    examples_per_user: int = field(default=50, metadata={"doc": "examples per generated user"})
+    hidden: str = field(default="64", metadata={"doc": "MLP hidden sizes, e.g. '64,64'"})
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    def check(self) -> None:
+        if self.examples_per_user < 1:
+            raise ValueError(
+                f"config key classification.examples-per-user = {self.examples_per_user!r}: "
+                "expected an integer >= 1"
+            )
+        try:
+            sizes = self.hidden_sizes
+        except ValueError:
+            sizes = ()
+        if not sizes and self.hidden.strip() or any(h < 1 for h in sizes):
+            raise ValueError(
+                f"config key classification.hidden = {self.hidden!r}: expected comma-separated "
+                "layer sizes >= 1 such as '64,64'"
+            )
+
+
+TABLE = register_table(
+    Table(
+        "classification",
+        ClassificationOptions,
+        aliases={"examples-per-user": "examples-per-user", "hidden": "hidden"},
+    )
+)
+
+
 def task(cfg: RunConfig) -> ClassificationTask:
+    o = cfg.options("classification")
     return ClassificationTask(
-        hidden=cfg.hidden_sizes, norm=norm_name(cfg, "none"), norm_options=cfg.norm_options()
+        hidden=o.hidden_sizes, norm=norm_name(cfg, "none"), norm_options=cfg.norm_options()
     )
 
 
 def data(cfg: RunConfig) -> SyntheticClassification:
     return SyntheticClassification(
         num_users=cfg.population or DEFAULT_USERS,
-        examples_per_user=cfg.examples_per_user,
+        examples_per_user=cfg.options("classification").examples_per_user,
         seed=cfg.seed,
     )
 

@@ -275,7 +275,7 @@ def test_bad_node_values_name_the_node_config():
         node_run_config(cfg, {"micro-batch-size": -1})
     assert node_run_config(cfg, {"partition-id": 3, "num-partitions": 9}) is cfg
     got = node_run_config(cfg, {"micro-batch-seconds": 30, "data-dir": "/data/s0"})
-    assert got.micro_batch_seconds == 30.0 and got.data_dir == "/data/s0"
+    assert got.micro_batch_seconds == 30.0 and got.options("asr").data_dir == "/data/s0"
     assert got.clip_norm == cfg.clip_norm
 
 

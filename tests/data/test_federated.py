@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from dpfl.api import TensorData
 
+from dpfl.api import TensorData
 from dpfl.data import (
     PartitionedDataset,
     SyntheticClassification,

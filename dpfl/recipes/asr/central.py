@@ -22,7 +22,7 @@ from dpfl.loop.writer import RunWriter
 from dpfl.models.normalization import project_weights
 from dpfl.models.optimizers import make_optimizer
 from dpfl.recipes import build_task
-from dpfl.recipes.asr import speech_corpus
+from dpfl.recipes.asr import asr_options, speech_corpus
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,20 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
     from dpfl.models.asr.text import CharTokenizer
     from dpfl.recipes.asr.data import SpeechFederatedDataset, split_speakers
 
+    o = asr_options(cfg)
     if cfg.task != "asr":
         raise ValueError("dpfl central trains speech seed models: set task = 'asr'")
-    if cfg.seed_speakers < 1:
-        raise ValueError("config key seed-speakers must be >= 1 to train a seed model")
+    if o.seed_speakers < 1:
+        raise ValueError("config key asr.seed-speakers must be >= 1 to train a seed model")
     started = time.perf_counter()
     writer = RunWriter(cfg.run_dir, overwrite=overwrite)
     train, test = speech_corpus(cfg)
-    seed_speakers, _ = split_speakers(train, cfg.seed_speakers)
+    seed_speakers, _ = split_speakers(train, o.seed_speakers)
     dataset = SpeechFederatedDataset(
         train,
         test,
-        tokenizer=CharTokenizer(cfg.alphabet),
-        max_test_utterances=cfg.max_test_utterances,
+        tokenizer=CharTokenizer(o.alphabet),
+        max_test_utterances=o.max_test_utterances,
     )
     data = dataset.pooled_data(seed_speakers)
     test_data = dataset.test_data()
@@ -57,9 +58,9 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
     if cfg.init_model:
         load_model_file(model, cfg.init_model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer("adam", params, cfg.central_lr)
+    optimizer = make_optimizer("adam", params, o.central_lr)
     local = LocalTrainConfig(
-        steps=cfg.central_steps,
+        steps=o.central_steps,
         batch_size=cfg.batch_size,
         batch_seconds=cfg.batch_seconds,
         grad_clip=cfg.client_grad_clip,
@@ -67,13 +68,13 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
     initial = task.evaluate(model, test_data)
     writer.append({"step": 0, **{f"eval_{k}": v for k, v in initial.items()}})
     generator = torch.Generator().manual_seed(cfg.seed)
-    every = max(1, cfg.central_steps // 10)
+    every = max(1, o.central_steps // 10)
     bar = None
     if progress:
         from rich.progress import Progress
 
         bar = Progress()
-        job = bar.add_task("central training", total=cfg.central_steps)
+        job = bar.add_task("central training", total=o.central_steps)
         bar.start()
     model.train()
     losses: list[float] = []
@@ -87,10 +88,10 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
             optimizer.step()
             project_weights(model)  # Normalize-and-Project (no-op otherwise)
             losses.append(loss.item())
-            if step % every == 0 or step == cfg.central_steps:
+            if step % every == 0 or step == o.central_steps:
                 record = {"step": step, "train_loss": sum(losses) / len(losses)}
                 losses.clear()
-                if step == cfg.central_steps or step % (every * 5) == 0:
+                if step == o.central_steps or step % (every * 5) == 0:
                     record.update(
                         {f"eval_{k}": v for k, v in task.evaluate(model, test_data).items()}
                     )
@@ -107,7 +108,7 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
         "speakers": len(seed_speakers),
         "utterances": len(data),
         "hours": sum(data.durations) / 3600,
-        "steps": cfg.central_steps,
+        "steps": o.central_steps,
         "metric": task.metric,
         "initial": initial,
         "final": final,

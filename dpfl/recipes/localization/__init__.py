@@ -4,46 +4,112 @@ offline."""
 
 from __future__ import annotations
 
-from dpfl.config import RunConfig
+from dataclasses import dataclass, field
+
+from dpfl.config import RunConfig, Table, register_table
 from dpfl.recipes import Recipe
 from dpfl.recipes.common import check_norm, norm_name
 
 
+def _doc(text: str) -> dict:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class LocalizationOptions:
+    """The keys of the ``[localization]`` table."""
+
+    scenes_dir: str = field(
+        default="data/synthetic-scenes", metadata=_doc("7-Scenes-layout folder")
+    )
+    scenes: str = field(default="", metadata=_doc("scene names, comma-separated ('': synthetic)"))
+    synthetic_scenes: int = field(default=3, metadata=_doc("synthetic scenes to render"))
+    scene_train_frames: int = field(default=60, metadata=_doc("synthetic: frames per scene"))
+    scene_test_frames: int = field(default=20, metadata=_doc("synthetic: test frames per scene"))
+    adaptive: bool = field(
+        default=True, metadata=_doc("layer-adaptive sharing (false: all shared)")
+    )
+    score_init: float = field(default=0.6, metadata=_doc("initial scores"))
+    penalty: float = field(default=1e-3, metadata=_doc("weight of the L1 penalty on the scores"))
+
+    def check(self) -> None:
+        for name in ("synthetic_scenes", "scene_train_frames", "scene_test_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"config key localization.{name.replace('_', '-')} = "
+                    f"{getattr(self, name)!r}: expected an integer >= 1"
+                )
+        if self.penalty < 0:
+            raise ValueError(
+                f"config key localization.penalty = {self.penalty!r}: expected a number >= 0"
+            )
+
+
+TABLE = register_table(
+    Table(
+        "localization",
+        LocalizationOptions,
+        aliases={
+            "ofvl-adaptive": "adaptive",
+            "ofvl-score-init": "score-init",
+            "ofvl-penalty": "penalty",
+            **{
+                key: key
+                for key in (
+                    "scenes-dir",
+                    "scenes",
+                    "synthetic-scenes",
+                    "scene-train-frames",
+                    "scene-test-frames",
+                )
+            },  # fmt: skip
+        },
+    )
+)
+
+
+def localization_options(cfg: RunConfig) -> LocalizationOptions:
+    return cfg.options("localization")
+
+
 def scene_names(cfg: RunConfig) -> list[str]:
     """The configured scenes, rendering the synthetic ones on first use."""
-    names = [s.strip() for s in cfg.scenes.split(",") if s.strip()]
+    o = localization_options(cfg)
+    names = [s.strip() for s in o.scenes.split(",") if s.strip()]
     if names:
         return names
     from dpfl.recipes.localization.scenes import render_scene
 
-    names = [f"scene-{k}" for k in range(cfg.synthetic_scenes)]
+    names = [f"scene-{k}" for k in range(o.synthetic_scenes)]
     for k, name in enumerate(names):
         render_scene(
-            cfg.scenes_dir,
+            o.scenes_dir,
             name,
             seed=1000 * cfg.seed + k,
-            train_frames=cfg.scene_train_frames,
-            test_frames=cfg.scene_test_frames,
+            train_frames=o.scene_train_frames,
+            test_frames=o.scene_test_frames,
         )
     return names
 
 
 def task(cfg: RunConfig):
+    o = localization_options(cfg)
     from dpfl.models.localization.task import LocalizationTask
 
     return LocalizationTask(
-        adaptive=cfg.ofvl_adaptive,
-        score_init=cfg.ofvl_score_init,
-        penalty=cfg.ofvl_penalty,
+        adaptive=o.adaptive,
+        score_init=o.score_init,
+        penalty=o.penalty,
         norm=norm_name(cfg, "groupnorm"),
         norm_options=cfg.norm_options(),
     )
 
 
 def data(cfg: RunConfig):
+    o = localization_options(cfg)
     from dpfl.recipes.localization.scenes import SceneDataset
 
-    dataset = SceneDataset(cfg.scenes_dir, scene_names(cfg))
+    dataset = SceneDataset(o.scenes_dir, scene_names(cfg))
     if cfg.population not in (0, dataset.num_users):
         raise ValueError(
             f"config key population = {cfg.population}, but there are {dataset.num_users} "

@@ -168,7 +168,8 @@ def test_short_federated_run_beats_the_constant_baseline(tmp_path):
         }
     )
     summary = simulate(cfg, progress=False)
-    baseline = constant_baseline(SceneDataset(cfg.scenes_dir, scene_names(cfg)))
+    scenes = cfg.options("localization").scenes_dir
+    baseline = constant_baseline(SceneDataset(scenes, scene_names(cfg)))
     assert (
         summary["final"]["median_coordinate_error_m"] < 0.95 * baseline["median_coordinate_error_m"]
     )
