@@ -8,38 +8,39 @@ ValueError naming the key and what it accepts.
 
 from __future__ import annotations
 
-import difflib
-import math
-import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dpfl.models.optimizers import (
-    OPTIMIZERS,
-    SCHEDULES,
-    OptimizerOptions,
-    ScheduleOptions,
+from dpfl.config.checks import CHOICES, validate
+from dpfl.config.keys import (
+    ALIASES,
+    OPTIONS,
+    TABLES,
+    Table,
+    _coerce,
+    key_of,
+    register_table,
+    suggestion,
 )
-from dpfl.privacy.accounting import ACCOUNTANTS, default_delta
-from dpfl.privacy.clipping import CLIP_NORM_RANGE, MODES, SCHEMES, ClipConfig
-from dpfl.server.sampling import SAMPLINGS
+from dpfl.models.optimizers import OptimizerOptions, ScheduleOptions
+from dpfl.privacy.accounting import default_delta
+from dpfl.privacy.clipping import ClipConfig
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "clip_scheme": SCHEMES,
-    "clip_mode": MODES,
-    "clip_location": ("client", "server"),
-    "accountant": ACCOUNTANTS,
-    "sampling": SAMPLINGS,
-    "device": ("auto", "cpu", "cuda"),
-    "norm_stats": ("client", "server"),
-    "on_too_few": ("skip", "retry"),
-    "vectorize": ("auto", "on", "off"),
-    "precision": ("fp32", "bf16", "fp16"),
-}
-
+__all__ = [
+    "ALIASES",
+    "CHOICES",
+    "OPTIONS",
+    "RUN_CONTROL_KEYS",
+    "TABLES",
+    "RunConfig",
+    "Table",
+    "key_of",
+    "register_table",
+    "suggestion",
+]
 
 RUN_CONTROL_KEYS: tuple[str, ...] = ("overwrite",)
 """Keys of a Flower run config that say how to start the run, not what it is (the CLI's
@@ -364,128 +365,8 @@ class RunConfig:
 
     # --- validation
     def validate(self) -> None:
-        def bad(name: str, accepted: str) -> ValueError:
-            return ValueError(
-                f"config key {key_of(name)} = {getattr(self, name)!r}: expected {accepted}"
-            )
-
-        _check_options(self.task_options)
-        _check_types(self)
-        for name, options in self.tables.items():
-            _check_types(options, f"{name}.")
-        # which recipes exist is dpfl.recipes' to say: here only the form of the names
-        for name in ("task", "data"):
-            value = getattr(self, name)
-            if ":" in value and not _IMPORT_PATH.fullmatch(value):
-                raise bad(name, "a recipe name or an import path 'package.module:attribute'")
-        if not self.task:
-            raise bad("task", "a recipe name or an import path 'package.module:factory'")
-        if self.population < 0:
-            raise bad("population", "an integer >= 1, or 0 for the dataset's number of users")
-        for name in ("rounds", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise bad(name, "an integer >= 1")
-        for name in ("sim_dropout_rate", "sim_failure_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise bad(name, "a number in [0, 1]")
-        for name in ("sim_step_seconds", "sim_speed_spread"):
-            if getattr(self, name) < 0:
-                raise bad(name, "a number >= 0")
-        if self.vectorize_chunk < 1:
-            raise bad("vectorize_chunk", "an integer >= 1")
-        for name in ("min_replies", "max_retries"):
-            if getattr(self, name) < 0:
-                raise bad(name, "an integer >= 0")
-        if self.norm_warmup < 0:
-            raise bad("norm_warmup", "an integer >= 0")
-        if self.norm_groups < 1:
-            raise bad("norm_groups", "an integer >= 1")
-        if self.batch_seconds < 0:
-            raise bad("batch_seconds", "a number >= 0")
-        if self.micro_batch_size < 0:
-            raise bad("micro_batch_size", "an integer >= 0 (0: off)")
-        if self.micro_batch_seconds < 0:
-            raise bad("micro_batch_seconds", "a number >= 0 (0: off)")
-        for name in (
-            "local_epochs",
-            "local_steps",
-            "checkpoint_every",
-            "server_warmup_steps",
-        ):
-            if getattr(self, name) < 0:
-                raise bad(name, "an integer >= 0")
-        if self.local_epochs == 0 and self.local_steps == 0:
-            raise bad("local_epochs", "an integer >= 1 when local-steps is 0")
-        if self.cohort_size <= 0 or (self.population and self.cohort_size > self.population):
-            raise ValueError(
-                f"config key cohort-size = {self.cohort_size!r}: expected a number in "
-                f"(0, population = {self.population or 'the number of users'}]"
-            )
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                shown = ", ".join(repr(c) if c == "" else c for c in choices)
-                raise bad(name, "one of " + shown + suggestion(getattr(self, name), choices))
-        for name, registry in (
-            ("client_optimizer", OPTIMIZERS),
-            ("server_optimizer", OPTIMIZERS),
-            ("server_schedule", SCHEDULES),
-        ):
-            if getattr(self, name) not in registry:
-                value = getattr(self, name)
-                raise bad(
-                    name, "one of " + ", ".join(sorted(registry)) + suggestion(value, registry)
-                )
-        if not self.run_dir.strip():
-            raise bad("run_dir", "a folder path")
-        for name in ("client_lr", "server_lr", "round_timeout"):
-            if getattr(self, name) <= 0:
-                raise bad(name, "a number > 0")
-        for name in (
-            "client_momentum",
-            "client_weight_decay",
-            "client_grad_clip",
-            "noise_multiplier",
-            "target_epsilon",
-            "server_momentum",
-            "server_weight_decay",
-        ):
-            if getattr(self, name) < 0:
-                raise bad(name, "a number >= 0")
-        if self.clip_norm != 0 and not CLIP_NORM_RANGE[0] <= self.clip_norm <= CLIP_NORM_RANGE[1]:
-            raise bad(
-                "clip_norm",
-                f"0 (off) or a number in [{CLIP_NORM_RANGE[0]:g}, {CLIP_NORM_RANGE[1]:g}]",
-            )
-        if not 0 <= self.delta < 1:
-            raise bad("delta", "0 (automatic) or a number in (0, 1)")
-        if self.population and self.delta * self.population >= 1 and not self.allow_large_delta:
-            raise ValueError(
-                f"config key delta = {self.delta:g} is >= 1/population (1/{self.population}): "
-                "a delta that large permits releasing a whole user's data, and epsilon then "
-                "means nothing; use delta = 0 (automatic, "
-                f"{default_delta(self.population):g}) or set allow-large-delta = true for an "
-                "experiment"
-            )
-        if self.noise_seed < -1:
-            raise bad("noise_seed", "-1 (secure) or a seed >= 0")
-        if self.sampling_seed < -1:
-            raise bad("sampling_seed", "-1 (secret cohorts) or a seed >= 0")
-        if self.count_noise_multiplier < 0:
-            raise bad("count_noise_multiplier", "a number >= 0 (0: automatic)")
-        if self.count_noise_multiplier > 0 and self.min_replies == 0:
-            raise ValueError(
-                "config key count-noise-multiplier is the noise on the count that min-replies "
-                "decides on: set min-replies > 0, or count-noise-multiplier = 0"
-            )
-        if self.target_epsilon > 0 and self.clip_norm == 0:
-            raise ValueError(
-                "config key target-epsilon needs clipping: set clip-norm > 0 or target-epsilon = 0"
-            )
-        if self.target_epsilon > 0 and self.sampling != "poisson":
-            raise ValueError(
-                "config key target-epsilon needs sampling = poisson: the accountants do not "
-                "cover fixed-size cohorts"
-            )
+        """ValueError naming the first key out of range (see :mod:`dpfl.config.checks`)."""
+        validate(self)
 
     # --- conversion
     def to_dict(self) -> dict[str, Any]:
@@ -578,128 +459,3 @@ class RunConfig:
             for name, table in TABLES.items()
             for o in fields(table.options)
         ]
-
-
-@dataclass(frozen=True)
-class Table:
-    """A recipe's own config table: ``[name]`` in TOML, ``name.KEY`` elsewhere.
-
-    ``options`` is a frozen dataclass of the table's keys (defaults, a ``doc`` in each field's
-    metadata, and an optional ``check()`` raising ValueError); ``aliases`` maps flat key names
-    from before the table existed (``asr-size``) to the table's (``size``): documented aliases.
-    """
-
-    name: str
-    options: type
-    aliases: Mapping[str, str] = field(default_factory=dict)
-
-    def build(self, given: Mapping[str, Any], base: Any = None) -> Any:
-        """The options ``base`` (default: the defaults) updated with ``given``."""
-        known = {key_of(f.name): f for f in fields(self.options)}
-        values = {f.name: getattr(base, f.name) for f in fields(base)} if base else {}
-        for key, value in given.items():
-            f = known.get(key)
-            if f is None:
-                raise ValueError(
-                    f"unknown config key {self.name}.{key}{suggestion(key, known)} (the "
-                    f"[{self.name}] table has {', '.join(known)})"
-                )
-            values[f.name] = _coerce(f"{self.name}.{key}", f.type, value)
-        options = self.options(**values)
-        _check_types(options, f"{self.name}.")
-        check = getattr(options, "check", None)
-        if check is not None:
-            check()
-        return options
-
-
-TABLES: dict[str, Table] = {}
-"""The registered recipes' tables (filled by :mod:`dpfl.recipes` on import)."""
-ALIASES: dict[str, str] = {}
-"""Flat key names of before the tables -> ``table.key`` (documented aliases)."""
-
-
-def register_table(table: Table) -> Table:
-    TABLES[table.name] = table
-    ALIASES.update({old: f"{table.name}.{new}" for old, new in table.aliases.items()})
-    return table
-
-
-def _check_types(obj: Any, prefix: str = "") -> None:
-    """ValueError naming the first field of a dataclass whose value has the wrong type."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        key = prefix + key_of(f.name)
-        if f.type == "bool" and not isinstance(value, bool):
-            raise ValueError(f"config key {key} = {value!r}: expected true or false")
-        if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"config key {key} = {value!r}: expected an integer")
-        if f.type == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"config key {key} = {value!r}: expected a number")
-            if not math.isfinite(value):
-                raise ValueError(f"config key {key} = {value!r}: expected a finite number")
-
-
-OPTIONS = "task-options"
-"""The table of keyword arguments for a task and data factory given by import path."""
-
-_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
-
-def _check_options(options: Any) -> None:
-    if not isinstance(options, dict):
-        raise ValueError(
-            f"config table {OPTIONS}: expected a table of name = value, got {options!r}"
-        )
-    for name, value in options.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(
-                f"config key {OPTIONS}.{name}: option names are keyword-argument names"
-            )
-        if not isinstance(value, (str, int, float, bool)):
-            raise ValueError(
-                f"config key {OPTIONS}.{name} = {value!r}: expected a string, number or boolean "
-                "(Flower's run config holds scalars only)"
-            )
-
-
-def suggestion(word: str, choices: Iterable[str]) -> str:
-    """'; did you mean X?' for the closest names to a mistyped one, or ''."""
-    close = difflib.get_close_matches(str(word), list(choices), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return "; did you mean " + _one_of([repr(c) for c in close]) + "?"
-
-
-def _one_of(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-
-
-def key_of(field_name: str) -> str:
-    return field_name.replace("_", "-")
-
-
-def _coerce(key: str, type_name: str, value: Any) -> Any:
-    """Strings from the command line become the field's type; other values are checked later."""
-    if not isinstance(value, str) or type_name == "str":
-        if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
-    text = value.strip()
-    try:
-        if type_name == "int":
-            return int(text.replace("_", "").replace(",", ""))
-        if type_name == "float":
-            return float(text)
-        if type_name == "bool":
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-    except ValueError:
-        accepted = {"int": "an integer", "float": "a number", "bool": "true or false"}[type_name]
-        raise ValueError(f"config key {key} = {value!r}: expected {accepted}") from None
-    return value
