@@ -35,7 +35,7 @@ EQUIV = {
     "population": 6,
     "cohort-size": 3.0,
     "rounds": 3,
-    "examples-per-user": 20,
+    "classification.examples-per-user": 20,
     "noise-multiplier": 0.0,
     "target-epsilon": 0.0,
     "server-optimizer": "lamb",

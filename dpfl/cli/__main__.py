@@ -1,0 +1,3 @@
+from dpfl.cli import main
+
+raise SystemExit(main())
