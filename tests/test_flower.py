@@ -68,10 +68,15 @@ def test_flwr_run_simulation_matches_the_in_process_simulator(local_sim, tmp_pat
     for name in sim:
         assert torch.allclose(flower[name], sim[name], atol=1e-5, rtol=0), name
     flower_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["diag_accepted"] for r in flower_rows[1:]] == [
-        json.loads(x)["diag_accepted"]
-        for x in (tmp_path / "sim-run" / "metrics.jsonl").read_text().splitlines()[1:]
+    sim_rows = [
+        json.loads(x) for x in (tmp_path / "sim-run" / "metrics.jsonl").read_text().splitlines()
     ]
+    assert [r["diag_accepted"] for r in flower_rows[1:]] == [
+        r["diag_accepted"] for r in sim_rows[1:]
+    ]
+    for f, s in zip(flower_rows[1:], sim_rows[1:], strict=True):  # per-layer ratios, both ways
+        assert f["diag_layer_ratio_median"] == pytest.approx(s["diag_layer_ratio_median"], 1e-4)
+        assert list(f["diag_layer_ratio_lowest"]) == list(s["diag_layer_ratio_lowest"])
     # the model moved: the runs did train
     assert any(r["update_norm"] > 0 for r in flower_rows[1:])
 

@@ -80,6 +80,7 @@ def test_paper_config_is_the_papers_recipe():
         0.01,
         "dim",
     )
+    assert cfg.clip_mode == "rescale"  # ml-pfl4asr's clip_layer_grads
     assert (cfg.local_steps, cfg.client_lr, cfg.client_grad_clip) == (10, 0.2, 1.0)
     assert (cfg.server_optimizer, cfg.server_lr, cfg.server_eps) == ("lamb", 0.002, 1e-6)
     assert (cfg.server_schedule, cfg.server_schedule_step_size, cfg.server_schedule_gamma) == (

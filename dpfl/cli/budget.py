@@ -89,6 +89,11 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
         help="epsilon at larger populations, keeping sigma_DP and T: a number scales "
         "cohort and population together, S:K sets them (default: 10 100 1000)",
     )
+    p.add_argument(
+        "--clip-norm",
+        type=_finite_float("--clip-norm"),
+        help="C, to print the noise in absolute units too: C x sigma_DP (ml-pfl4asr's dp_sigma)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_budget)
 
@@ -138,6 +143,8 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
         z = noise_multiplier_from_sigma_dp(sigma_dp, cohort)
     elif z is not None and cohort is not None:
         sigma_dp = z / cohort
+    if args.clip_norm is not None and args.clip_norm <= 0:
+        raise CliError(f"--clip-norm must be > 0, got {args.clip_norm:g}")
     if args.target_epsilon is not None and args.target_epsilon <= 0:
         raise CliError(f"--target-epsilon must be > 0, got {args.target_epsilon:g}")
     accountants = list(dict.fromkeys(a.strip() for a in args.accountants.split(",") if a.strip()))
@@ -160,6 +167,8 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
         "delta_warning": warning,
         "noise_multiplier": z,
         "sigma_dp": sigma_dp,
+        "clip_norm": args.clip_norm,
+        "dp_sigma": args.clip_norm * sigma_dp if args.clip_norm and sigma_dp else None,
         "sample_rate": q,
         "cohort": cohort,
         "population": population,
@@ -260,6 +269,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
                     row["note"] = slack
                 if plan["cohort"] is not None:
                     row["sigma_dp"] = z / plan["cohort"]
+                    if plan["clip_norm"]:
+                        row["dp_sigma"] = plan["clip_norm"] * row["sigma_dp"]
             else:
                 result = compute_epsilon(plan["noise_multiplier"], q, T, delta, name)
                 row["epsilon"] = result.epsilon
@@ -330,9 +341,7 @@ def _print_budget(report: dict, target: float | None) -> None:
     if report.get("warning"):
         out.append(f"  WARNING:   {report['warning']}")
     if target is None:
-        z = plan["noise_multiplier"]
-        extra = f" (sigma_DP = {plan['sigma_dp']:.4g} on the average)" if plan["sigma_dp"] else ""
-        out.append(f"  noise:     z = {z:.6g}{extra}")
+        out += noise_conventions(plan["noise_multiplier"], plan["sigma_dp"], plan["clip_norm"])
         header = ["epsilon"]
 
         def cells(row: dict) -> tuple[list[str], str]:
@@ -342,11 +351,12 @@ def _print_budget(report: dict, target: float | None) -> None:
             return [_fmt_eps(row["epsilon"])], note
     else:
         out.append(f"  target:    epsilon = {target:g}")
-        header = ["z", "sigma_DP"]
+        header = ["z", "sigma_DP"] + (["dp_sigma"] if plan["clip_norm"] else [])
 
         def cells(row: dict) -> tuple[list[str], str]:
-            sigma = f"{row['sigma_dp']:.4g}" if "sigma_dp" in row else "-"
-            return [f"{row['noise_multiplier']:.6g}", sigma], row.get("note") or ""
+            sigma = [f"{row[k]:.4g}" if k in row else "-" for k in ("sigma_dp", "dp_sigma")]
+            values = [f"{row['noise_multiplier']:.6g}", *sigma[: len(header) - 1]]
+            return values, row.get("note") or ""
 
     out.append("")
     out.append(f"  {'accountant':<11}" + "".join(f"{h:>12}" for h in header) + "   note")
@@ -383,3 +393,18 @@ def _print_budget(report: dict, target: float | None) -> None:
     print("\n".join(out))
 
 
+def noise_conventions(z: float, sigma_dp: float | None, clip_norm: float | None) -> list[str]:
+    """The noise in the three conventions a reader may bring: dpfl's z (std z*C on the sum), the
+    paper's sigma_DP = z/S (std sigma_DP*C on the average), ml-pfl4asr's dp_sigma = C*sigma_DP."""
+    lines = [f"  noise:     z = {z:.6g}: std z*C on the sum of clipped updates (dpfl)"]
+    if sigma_dp:
+        lines.append(
+            f"             sigma_DP = z/S = {sigma_dp:.4g}: std sigma_DP*C on the average (the "
+            "DP-FL-for-ASR paper)"
+        )
+        if clip_norm:
+            lines.append(
+                f"             dp_sigma = C*sigma_DP = {clip_norm * sigma_dp:.4g} with C = "
+                f"{clip_norm:g} (ml-pfl4asr's config)"
+            )
+    return lines

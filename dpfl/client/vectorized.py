@@ -36,7 +36,8 @@ from torch.utils._pytree import tree_map
 
 from dpfl.api import ClientData, Task, hook, task_name
 from dpfl.client.train import LocalResult, LocalTrainConfig, Weights, batches
-from dpfl.privacy.clipping import ClipConfig, ClipStats, StackedClipStats, clip_stacked
+from dpfl.privacy.clipping import ClipConfig, ClipStats
+from dpfl.privacy.stacked import StackedClipStats, clip_stacked
 from dpfl.profiling import section
 
 OPTIMIZERS = ("sgd", "adam")
@@ -287,7 +288,7 @@ def train_cohort(
 ) -> CohortUpdate:
     """Train every client of ``datas`` from ``weights`` at once and keep the result stacked:
     each row as :func:`dpfl.client.train.local_update` computes that client's delta, clipped
-    per client (:func:`dpfl.privacy.clipping.clip_stacked`) when ``clip`` is given, so no
+    per client (:func:`dpfl.privacy.stacked.clip_stacked`) when ``clip`` is given, so no
     unclipped delta leaves this function."""
     reason = why_not(model, task, cfg)
     if reason is not None:

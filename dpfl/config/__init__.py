@@ -20,8 +20,9 @@ from dpfl.config.keys import (
     OPTIONS,
     TABLES,
     Table,
-    _coerce,
     key_of,
+    merge_values,
+    not_one_of,
     register_table,
     suggestion,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "RunConfig",
     "Table",
     "key_of",
+    "not_one_of",
     "register_table",
     "suggestion",
 ]
@@ -167,7 +169,14 @@ class RunConfig:
         default=0.5, metadata=_doc("L2 bound C on each user's delta (0: no clipping, no DP)")
     )
     clip_scheme: str = field(default="dim", metadata=_doc("flat, uniform or dim"))
-    clip_mode: str = field(default="clip", metadata=_doc("clip or normalize"))
+    clip_mode: str = field(
+        default="clip",
+        metadata=_doc(
+            "clip (each bound's excess scaled down), normalize (every tensor to its bound) or "
+            "rescale (the paper's code: unchanged below C, else every tensor to its C_h; "
+            "per-layer schemes only)"
+        ),
+    )
     clip_location: str = field(
         default="client", metadata=_doc("client (default) or server (for comparison)")
     )
@@ -391,49 +400,7 @@ class RunConfig:
             {f.name: getattr(base, f.name) for f in fields(base)} if base is not None else {}
         )
         known = {key_of(f.name): f for f in fields(cls) if f.name not in ("task_options", "tables")}
-        options = dict(current.get("task_options", {}))
-        raw: dict[str, dict[str, Any]] = {name: {} for name in TABLES}
-        for key, value in values.items():
-            key = ALIASES.get(key, key)
-            if key in TABLES:
-                if not isinstance(value, Mapping):
-                    raise ValueError(
-                        f"config key {key} is a table ([{key}] in TOML), got {value!r}"
-                    )
-                raw[key].update({str(k): v for k, v in value.items()})
-                continue
-            table, dot, sub = key.partition(".")
-            if dot and table in TABLES:
-                raw[table][sub] = value
-                continue
-            if key == OPTIONS:
-                if not isinstance(value, Mapping):
-                    raise ValueError(
-                        f"config key {OPTIONS} is a table ([{OPTIONS}] in TOML, "
-                        f"{OPTIONS}.KEY = value elsewhere), got {value!r}"
-                    )
-                options.update({str(k): v for k, v in value.items()})
-                continue
-            if key.startswith(OPTIONS + "."):
-                name = key[len(OPTIONS) + 1 :]
-                if not name:
-                    raise ValueError(f"config key {key!r}: expected {OPTIONS}.NAME")
-                options[name] = value
-                continue
-            f = known.get(key)
-            if f is None:
-                raise ValueError(
-                    f"unknown config key {key!r}{suggestion(key, known)} "
-                    "(dpfl simulate --help lists every key)"
-                )
-            current[f.name] = _coerce(key, f.type, value)
-        current["task_options"] = options
-        tables = dict(current.get("tables", {}))
-        for name, given in raw.items():
-            if given or name not in tables:
-                tables[name] = TABLES[name].build(given, tables.get(name))
-        current["tables"] = tables
-        return cls(**current)
+        return cls(**merge_values(known, current, values))
 
     @classmethod
     def from_toml(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpfl.config.keys import _IMPORT_PATH, _check_options, _check_types, key_of, suggestion
+from dpfl.config.keys import (
+    _IMPORT_PATH,
+    _check_options,
+    _check_types,
+    key_of,
+    not_one_of,
+)
 from dpfl.models.optimizers import OPTIMIZERS, SCHEDULES
 from dpfl.privacy.accounting import ACCOUNTANTS, default_delta
 from dpfl.privacy.clipping import CLIP_NORM_RANGE, MODES, SCHEMES
@@ -86,19 +92,23 @@ def validate(cfg: Any) -> None:
             f"(0, population = {cfg.population or 'the number of users'}]"
         )
     for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            shown = ", ".join(repr(c) if c == "" else c for c in choices)
-            raise bad(name, "one of " + shown + suggestion(getattr(cfg, name), choices))
+        accepted = not_one_of(getattr(cfg, name), choices)
+        if accepted:
+            raise bad(name, accepted)
+    if cfg.clip_mode == "rescale" and cfg.clip_scheme == "flat":
+        raise ValueError(
+            "config key clip-mode = 'rescale' with clip-scheme = 'flat' is clip-mode = 'clip' "
+            "(the whole update scaled to C when above it): set clip-mode = 'clip', or a "
+            "per-layer clip-scheme ('uniform' or 'dim')"
+        )
     for name, registry in (
         ("client_optimizer", OPTIMIZERS),
         ("server_optimizer", OPTIMIZERS),
         ("server_schedule", SCHEDULES),
     ):
-        if getattr(cfg, name) not in registry:
-            value = getattr(cfg, name)
-            raise bad(
-                name, "one of " + ", ".join(sorted(registry)) + suggestion(value, registry)
-            )
+        accepted = not_one_of(getattr(cfg, name), sorted(registry))
+        if accepted:
+            raise bad(name, accepted)
     if not cfg.run_dir.strip():
         raise bad("run_dir", "a folder path")
     for name in ("client_lr", "server_lr", "round_timeout"):

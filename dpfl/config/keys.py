@@ -96,6 +96,16 @@ def _check_options(options: Any) -> None:
             )
 
 
+def not_one_of(value: Any, choices: Iterable[str]) -> str | None:
+    """None when ``value`` is one of ``choices``; otherwise what a key accepts ("one of a, b",
+    '' shown as ''), with the nearest spelling when one is close."""
+    choices = tuple(choices)
+    if value in choices:
+        return None
+    shown = ", ".join(repr(c) if c == "" else c for c in choices)
+    return "one of " + shown + suggestion(value, choices)
+
+
 def suggestion(word: str, choices: Iterable[str]) -> str:
     """'; did you mean X?' for the closest names to a mistyped one, or ''."""
     close = difflib.get_close_matches(str(word), list(choices), n=3, cutoff=0.6)
@@ -135,3 +145,51 @@ def _coerce(key: str, type_name: str, value: Any) -> Any:
         accepted = {"int": "an integer", "float": "a number", "bool": "true or false"}[type_name]
         raise ValueError(f"config key {key} = {value!r}: expected {accepted}") from None
     return value
+
+
+def merge_values(known: dict[str, Any], current: dict[str, Any], values: Mapping[str, Any]) -> dict:
+    """RunConfig's fields (``current``: field name to value) updated with ``values`` (hyphenated
+    keys, aliases, tables as mappings or ``TABLE.KEY``); ``known``: key to dataclass field."""
+    options = dict(current.get("task_options", {}))
+    raw: dict[str, dict[str, Any]] = {name: {} for name in TABLES}
+    for key, value in values.items():
+        key = ALIASES.get(key, key)
+        if key in TABLES:
+            if not isinstance(value, Mapping):
+                raise ValueError(
+                    f"config key {key} is a table ([{key}] in TOML), got {value!r}"
+                )
+            raw[key].update({str(k): v for k, v in value.items()})
+            continue
+        table, dot, sub = key.partition(".")
+        if dot and table in TABLES:
+            raw[table][sub] = value
+            continue
+        if key == OPTIONS:
+            if not isinstance(value, Mapping):
+                raise ValueError(
+                    f"config key {OPTIONS} is a table ([{OPTIONS}] in TOML, "
+                    f"{OPTIONS}.KEY = value elsewhere), got {value!r}"
+                )
+            options.update({str(k): v for k, v in value.items()})
+            continue
+        if key.startswith(OPTIONS + "."):
+            name = key[len(OPTIONS) + 1 :]
+            if not name:
+                raise ValueError(f"config key {key!r}: expected {OPTIONS}.NAME")
+            options[name] = value
+            continue
+        f = known.get(key)
+        if f is None:
+            raise ValueError(
+                f"unknown config key {key!r}{suggestion(key, known)} "
+                "(dpfl simulate --help lists every key)"
+            )
+        current[f.name] = _coerce(key, f.type, value)
+    current["task_options"] = options
+    tables = dict(current.get("tables", {}))
+    for name, given in raw.items():
+        if given or name not in tables:
+            tables[name] = TABLES[name].build(given, tables.get(name))
+    current["tables"] = tables
+    return current

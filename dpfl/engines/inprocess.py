@@ -21,9 +21,11 @@ from dpfl.client.train import Weights, local_update
 from dpfl.client.vectorized import derived_loss_check, train_cohort, why_not
 from dpfl.config import RunConfig
 from dpfl.engines import torchrun as distributed
+from dpfl.loop.layer_shares import LayerShares
 from dpfl.loop.run import FederatedRun, client_seed, local_config
+from dpfl.privacy.stacked import stacked_norms
 from dpfl.profiling import section
-from dpfl.server.round import EventLog, RoundAggregator
+from dpfl.server.aggregate import EventLog, RoundAggregator
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,9 @@ def run_in_process(
                 continue
             agg.add(res.delta)  # already on the CPU: what leaves a client
             tally.diagnose(res.train_loss, res.clip_stats)
+            if cfg.diagnostics:
+                norms = res.clip_stats.layer_norms if res.clip_stats is not None else None
+                tally.layers(res.delta, norms)
 
     def vectorised(round_number: int, users: list[int], weights: Weights, agg, tally) -> None:
         """Train the users a chunk at a time as one computation; each chunk's clipped deltas
@@ -170,6 +175,9 @@ def run_in_process(
                         tally.clipped += int(clipped[k])
             if not keep:
                 continue
+            if cfg.diagnostics:  # pre-clip tensor norms of the kept rows
+                layer = st.layer_norms if st is not None else stacked_norms(cohort.deltas)[1]
+                tally.layers(cohort.deltas, layer[keep])
             deltas = cohort.deltas
             if len(keep) < len(chunk):
                 at = torch.tensor(keep, device=next(iter(deltas.values())).device)
@@ -227,6 +235,9 @@ class _Tally:
         self.finish_times: list[float] = []
         self.losses: list[float] = []
         self.norms: list[float] = []
+        self.layer_names: list[str] = []
+        self.layer_sizes: list[int] = []
+        self.layer_norms: list[list[float]] = []
 
     def fail(self, user: int, round_number: int, why) -> None:
         self.failed += 1
@@ -254,11 +265,29 @@ class _Tally:
                 self.norms.append(clip_stats.norm)
                 self.clipped += int(clip_stats.clipped)
 
+    def layers(self, delta: Weights, norms=None) -> None:
+        """Pre-clip tensor norms of one client (``delta``, or ``norms`` in its order) or of a
+        stack's rows (``delta`` stacked, ``norms`` (K, H)), for the per-layer ratios."""
+        names = list(delta)
+        if not self.layer_names:
+            stacked = norms is not None and torch.as_tensor(norms).dim() == 2
+            self.layer_names = names
+            self.layer_sizes = [
+                t[0].numel() if stacked else t.numel() for t in delta.values()
+            ]
+        if norms is None:
+            norms = [float(torch.linalg.vector_norm(t.double())) for t in delta.values()]
+        rows = torch.as_tensor(norms, dtype=torch.float64).reshape(-1, len(names)).tolist()
+        for row in rows:
+            by_name = dict(zip(names, row, strict=True))
+            self.layer_norms.append([by_name[n] for n in self.layer_names])
+
     _COUNTS = ("failed", "dropped", "timed_out", "clipped")
-    _LISTS = ("finish_times", "losses", "norms")
+    _LISTS = ("finish_times", "losses", "norms", "layer_norms")
 
     def state(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._COUNTS + self._LISTS}
+        out = {k: getattr(self, k) for k in self._COUNTS + self._LISTS}
+        return {**out, "layer_names": self.layer_names, "layer_sizes": self.layer_sizes}
 
     def merge(self, states: list[dict[str, Any]]) -> None:
         """Replace this tally by the union of several ranks' tallies."""
@@ -266,6 +295,9 @@ class _Tally:
             setattr(self, k, sum(s[k] for s in states))
         for k in self._LISTS:
             setattr(self, k, [x for s in states for x in s[k]])
+        named = next((s for s in states if s["layer_names"]), None)
+        if named is not None:
+            self.layer_names, self.layer_sizes = named["layer_names"], named["layer_sizes"]
 
     def metrics(self) -> dict[str, Any]:
         """The round's exact counts and per-client statistics: non-private (``diag_*``)."""
@@ -286,4 +318,8 @@ class _Tally:
             if self.norms:
                 extra["diag_update_norm_mean"] = float(np.mean(self.norms))
                 extra["diag_fraction_clipped"] = self.clipped / len(self.norms)
+            if self.layer_norms:
+                shares = LayerShares(self.layer_names, self.layer_sizes)
+                shares.add(self.layer_norms)
+                extra.update(shares.metrics())
         return extra

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -195,12 +196,18 @@ def handle_train(
         clip,
     )
     seconds = time.perf_counter() - started  # the delta is on the CPU: the device is done
-    metrics: dict[str, float | int] = {"num-examples": res.num_examples}
+    metrics: dict[str, Any] = {"num-examples": res.num_examples}
     if cfg.diagnostics:
         metrics["diag-train-loss"] = res.train_loss
         if res.clip_stats is not None:
             metrics["diag-update-norm"] = res.clip_stats.norm
             metrics["diag-clipped"] = int(res.clip_stats.clipped)
+        # pre-clip tensor norms, in the update's order (the per-layer ratios)
+        metrics["diag-layer-norms"] = (
+            list(res.clip_stats.layer_norms)
+            if res.clip_stats is not None
+            else [float(torch.linalg.vector_norm(t.double())) for t in res.delta.values()]
+        )
     if cfg.system_metrics:
         metrics.update(system_metrics(device, res.steps, seconds))
     kept = private_weights(model, is_private, buffers) if is_private is not None else {}

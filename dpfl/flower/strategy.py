@@ -27,7 +27,8 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from dpfl.client.train import Weights
 from dpfl.config import RunConfig
-from dpfl.server.round import RoundAggregator
+from dpfl.loop.layer_shares import LayerShares
+from dpfl.server.aggregate import RoundAggregator
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ class DPFedAvg(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         agg = self._agg
         failed, losses, norms, clipped = 0, [], [], 0
+        shares: LayerShares | None = None
         system: dict[str, list[float]] = {key: [] for key in SYSTEM_METRICS}
         by_user: list[tuple[int, Message]] = []
         seen: set[int] = set()
@@ -282,7 +284,14 @@ class DPFedAvg(Strategy):
                 if "diag-update-norm" in metrics:
                     norms.append(float(metrics["diag-update-norm"]))
                     clipped += int(metrics.get("diag-clipped", 0))
+                layer_norms = metrics.get("diag-layer-norms")
+                if isinstance(layer_norms, list) and len(layer_norms) == len(update):
+                    if shares is None:
+                        shares = LayerShares(list(update), [t.numel() for t in update.values()])
+                    shares.add([float(x) for x in layer_norms])
         self._extra["diag_failed"] = failed
+        if shares is not None:
+            self._extra.update(shares.metrics())
         if self.cfg.diagnostics and losses:
             self._extra["diag_train_loss"] = float(np.mean(losses))
         if self.cfg.diagnostics and norms:

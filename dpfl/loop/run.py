@@ -26,6 +26,7 @@ from dpfl.client.train import (
     private_weights,
 )
 from dpfl.config import RunConfig
+from dpfl.loop.measure import budget_ahead, central_evaluation, epsilon_metrics
 from dpfl.loop.plan import NoisePlan, privacy_statement, resolve_noise, server_spec
 from dpfl.loop.progress import Progress
 from dpfl.loop.resume import CHECKPOINT_FORMAT, read_checkpoint, resume_run
@@ -37,7 +38,6 @@ from dpfl.loop.setup import (  # noqa: F401 (client_seed, local_config: the engi
     with_population,
 )
 from dpfl.loop.writer import CLIENT_STATE, RunWriter
-from dpfl.privacy.accounting import EpsilonResult
 from dpfl.profiling import round_done, section
 from dpfl.server.round import (
     EventLog,
@@ -183,39 +183,10 @@ class FederatedRun:
     def evaluate(self) -> dict[str, float]:
         if not self.primary:
             return {}
-        values = self._evaluate()
+        values = central_evaluation(self)
         if self.extra_eval is not None:
             values = {**values, **self.extra_eval(self.state.round, self.state.weights())}
         return values
-
-    def _evaluate(self) -> dict[str, float]:
-        federated = hook(self.task, "evaluate_federated")
-        if self.private and federated is not None:
-            # per client, with its private parameters (available in simulation only)
-            self.eval_uses_private = True
-            return federated(
-                self.model,
-                self.dataset,
-                self.state.weights(),
-                self.private_store.get,
-                load_weights,
-            )
-        load_weights(self.model, self.state.weights())
-        kept_stats = [b for b in self.buffers if self.private and self.private(b)]
-        if kept_stats:
-            # Norm statistics kept by the clients: the simulator evaluates the global model
-            # with their mean over the users trained so far (a simulation-only diagnostic; a
-            # deployed server never sees them). Before any user trained: the initial ones.
-            stored = [u for u in self.private_store.values() if kept_stats[0] in u]
-            self.eval_uses_private = self.eval_uses_private or bool(stored)
-            source = stored or [self.initial_private]
-            load_weights(
-                self.model,
-                {b: torch.stack([u[b].float() for u in source]).mean(0) for b in kept_stats},
-            )
-        if self.test_data is None:
-            return {}  # a dataset without a central test set: no server-side evaluation
-        return self.task.evaluate(self.model, self.test_data)
 
     def _eval_metrics(self, values: dict[str, float]) -> dict[str, Any]:
         out: dict[str, Any] = {f"eval_{k}": v for k, v in values.items()}
@@ -237,46 +208,13 @@ class FederatedRun:
         if self.private:
             self.private_store[user] = private_weights(self.model, self.private, self.buffers)
 
-    def _budget_ahead(self) -> EpsilonResult | None:
-        """Epsilon under the configured accountant if one more attempt is charged (None when
-        there is no budget to keep)."""
-        cfg, spec = self.cfg, self.spec
-        if not (cfg.target_epsilon > 0 and spec.accounted):
-            return None
-        with section("accounting"):
-            return self.state.ledger.epsilon_after(
-                spec.charged_noise_multiplier,
-                spec.sample_rate,
-                1,
-                spec.delta,
-                cfg.accountant,
-                fallback=True,
-            )
-
-    def _epsilon_metrics(
-        self, metrics: dict[str, Any], ahead: EpsilonResult | None, last: bool
-    ) -> None:
-        """Per-round epsilon, named by the accountant that computed it: RDP every round
-        (cheap), the configured accountant whenever the budget check computed it (every
-        attempt when there is a target) and otherwise on evaluation rounds and the last."""
-        cfg, spec = self.cfg, self.spec
-        if not spec.accounted or cfg.accountant == "rdp":
-            return
-        if ahead is None and not (last or metrics["round"] % cfg.eval_every == 0):
-            return
-        if ahead is None:
-            with section("accounting"):
-                ahead = self.state.ledger.epsilon(spec.delta, cfg.accountant, fallback=True)
-        if ahead.accountant != "rdp":
-            metrics[f"epsilon_{ahead.accountant}"] = ahead.epsilon
-
     def _attempts(self, round_number: int, collect: Collect) -> dict[str, Any] | None:
         """Run round ``round_number`` (retrying as configured); its metrics, or None when the
         budget does not allow another attempt."""
         cfg, state = self.cfg, self.state
         attempt = 0
         while True:
-            ahead = self._budget_ahead()  # before EVERY attempt: a retry is charged too
+            ahead = budget_ahead(self)  # before EVERY attempt: a retry is charged too
             if ahead is not None and ahead.epsilon > cfg.target_epsilon:
                 log.warning(
                     "stopping before round %d%s: it would bring epsilon to %.4g > target %.4g",
@@ -324,13 +262,13 @@ class FederatedRun:
             )
             metrics = state.discard_round(agg, advance=give_up)
             self._journal(round_number, attempt)
-            self._epsilon_metrics(metrics, ahead, last=False)
+            epsilon_metrics(self, metrics, ahead, last=False)
             if give_up:
                 break
             self.writer.append({**metrics, **diagnostics, "retry": 1})
             attempt += 1
         metrics["attempts"] = attempt + 1  # post-processing of noisy counts: public
-        self._epsilon_metrics(metrics, ahead, last=round_number == cfg.rounds)
+        epsilon_metrics(self, metrics, ahead, last=round_number == cfg.rounds)
         metrics.update(diagnostics)
         return metrics
 

@@ -6,9 +6,9 @@ A recipe is a task factory and a data factory over the run config. The built-in 
 :func:`register`; a user may also name factories by import path
 (``task = "mypkg.digits:make_task"``, ``data = "mypkg.digits:make_data"``), which receive the
 ``[task-options]`` table as keyword arguments (each the options its signature names). A data
-factory that takes a ``user`` argument is called with the node's user on a Flower SuperNode, so
-the node builds only its own user's data. :func:`resolve` is the one place where names become
-objects.
+factory (or a recipe's ``data``) that takes a ``user`` argument is called with the node's user
+on a Flower SuperNode, so the node builds only its own user's data. :func:`resolve` is the one
+place where names become objects.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from dpfl.loop.run import with_population  # noqa: F401 (re-exported)
 @dataclass(frozen=True)
 class Recipe:
     """A named workload: ``task(cfg)`` and ``data(cfg)`` build its objects from the run config;
-    ``check(cfg)`` validates the keys it owns before anything is built."""
+    ``check(cfg)`` validates the keys it owns before anything is built. A ``data`` that takes a
+    ``user`` keyword gets the node's user on a Flower SuperNode (``data(cfg, user=u)``) and should
+    then read or generate only that user's examples, numbered as the whole federation numbers
+    them."""
 
     name: str
     task: Callable[[RunConfig], Task]
@@ -159,7 +162,9 @@ def _data(cfg: RunConfig, user: int | None = None) -> tuple[Any, set[str]]:
     if cfg.data:
         data, taken = _call(load_object(cfg.data, "data"), cfg.task_options, user)
     else:
-        data, taken = _built_in(cfg).data(cfg), set()
+        factory = _built_in(cfg).data
+        takes_user = user is not None and "user" in inspect.signature(factory).parameters
+        data, taken = (factory(cfg, user=user) if takes_user else factory(cfg)), set()
     check_dataset(data)
     return data, taken
 

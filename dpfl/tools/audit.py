@@ -108,7 +108,7 @@ def _release(
     mode: str,
 ) -> torch.Tensor:
     """One round's released average, flattened, through dpfl's client and server code."""
-    from dpfl.server.round import RoundAggregator, ServerSpec
+    from dpfl.server.aggregate import RoundAggregator, ServerSpec
 
     shapes = {n: t.shape for n, t in others[0].items()}
     spec = ServerSpec(sample_rate=1.0, population=int(cohort), clip=clip)

@@ -3,7 +3,8 @@
 Reads the run folder written by the simulator or the Flower ServerApp (``config.json``,
 ``metrics.jsonl``, ``summary.json``) and prints what was guaranteed, under which assumptions, plus
 the paper's extrapolation of epsilon to larger populations; writes ``metric.png`` and
-``epsilon.png`` next to the data.
+``epsilon.png`` (and ``layers.png`` when diagnostics recorded per-layer ratios) next to the
+data.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def statement_lines(
         f"mechanism:  clip {p['clip_scheme']}/{p['clip_mode']} C = {p['clip_norm']:g} on the "
         f"{p['clip_location']}; Gaussian noise z = {p['noise_multiplier']:.4g} on the sum "
         f"(sigma_DP = {p['sigma_dp']:.3g} on the average)",
+        f"            the same noise as the paper's sigma_DP = z/S = {p['sigma_dp']:.4g} (std "
+        f"sigma_DP*C on the average) and ml-pfl4asr's dp_sigma = C*sigma_DP = "
+        f"{p['clip_norm'] * p['sigma_dp']:.4g}",
         f"noise:      {p['noise_source']}",
         *([f"cohorts:    {p['cohort_source']}"] if p.get("cohort_source") else []),
         *(
@@ -244,7 +248,58 @@ def write_plots(
         fig.savefig(run / "epsilon.png", dpi=100)
         plt.close(fig)
         out.append(run / "epsilon.png")
-    return out
+    layers = write_layer_plot(plt, run, metrics)
+    return out + ([layers] if layers else [])
+
+
+def write_layer_plot(plt, run: Path, metrics: list[dict]) -> Path | None:
+    """``layers.png``: the per-layer ratios r_h (norm share / dimension share) per round, median
+    and 5-95 % band over tensors and clients, when diagnostics recorded them."""
+    mid = _series(metrics, "diag_layer_ratio_median")
+    if not mid:
+        return None
+    lo = dict(_series(metrics, "diag_layer_ratio_p05"))
+    hi = dict(_series(metrics, "diag_layer_ratio_p95"))
+    rounds = [r for r, _ in mid if r in lo and r in hi]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.fill_between(rounds, [lo[r] for r in rounds], [hi[r] for r in rounds], alpha=0.25,
+                    label="5-95 % over tensors and clients")  # fmt: skip
+    ax.plot(*zip(*mid, strict=True), marker="o", markersize=3, label="median")
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("r_h = (|d_h| / |d|) / sqrt(d_h / d)")
+    last = next((m for m in reversed(metrics) if "diag_layer_ratio_lowest" in m), None)
+    if last:
+        lowest = list(last["diag_layer_ratio_lowest"].items())[:3]
+        low = ", ".join(f"{k} {v:.3g}" for k, v in lowest)
+        ax.text(0.01, 0.02, f"lowest (round {last['round']}): {low}", transform=ax.transAxes,
+                fontsize=7)  # fmt: skip
+    ax.set_title("per-layer norm share vs dimension share (NON-PRIVATE diagnostic)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "layers.png", dpi=100)
+    plt.close(fig)
+    return run / "layers.png"
+
+
+def layer_lines(metrics: list[dict]) -> list[str]:
+    """The last recorded per-layer ratios, in words (empty without diagnostics)."""
+    last = next((m for m in reversed(metrics) if "diag_layer_ratio_median" in m), None)
+    if last is None:
+        return []
+
+    def named(key: str) -> str:
+        return ", ".join(f"{k} {v:.3g}" for k, v in last.get(key, {}).items())
+
+    return [
+        f"per-layer ratios r_h = norm share / dimension share (NON-PRIVATE diagnostic, round "
+        f"{last['round']}): median {last['diag_layer_ratio_median']:.3g}, 5-95 % "
+        f"{last['diag_layer_ratio_p05']:.3g} to {last['diag_layer_ratio_p95']:.3g}",
+        f"  lowest:  {named('diag_layer_ratio_lowest')}",
+        f"  highest: {named('diag_layer_ratio_highest')}",
+    ]
 
 
 def write_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
@@ -298,7 +353,7 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
 
 def report(run_dir: str | Path, plots: bool = True) -> tuple[list[str], list[Path]]:
     config, metrics, summary = load_run(run_dir)
-    lines = statement_lines(config, summary)
+    lines = statement_lines(config, summary) + layer_lines(metrics)
     target = float(config.get("config", {}).get("target-epsilon", 0) or 0)
     paths = write_plots(run_dir, metrics, summary["metric"], target) if plots else []
     return lines, paths

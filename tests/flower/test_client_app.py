@@ -28,9 +28,13 @@ def test_client_app_diagnostics_when_asked_and_server_side_clipping():
     values, weights = message_values(diagnostics=True, **{"clip-location": "server"})
     delta, metrics, _ = handle_train(values, weights, {"partition-id": 0})
     assert "diag-train-loss" in metrics and "diag-update-norm" not in metrics
+    assert len(metrics["diag-layer-norms"]) == len(delta)  # unclipped: the delta's own
+    expected = [float(d.double().norm()) for d in delta.values()]
+    assert metrics["diag-layer-norms"] == pytest.approx(expected, rel=1e-6)
     values, weights = message_values(diagnostics=True)
     _, metrics, _ = handle_train(values, weights, {"partition-id": 0})
     assert metrics["diag-update-norm"] > 0
+    assert len(metrics["diag-layer-norms"]) == len(weights)
 
 
 def test_client_app_needs_its_user():

@@ -170,7 +170,8 @@ def test_shape_mismatch_against_model():
         ({"clip_norm": 1e-13}, r"clip_norm must be a number in \[1e-12, 1e\+12\]"),
         ({"clip_norm": 1e13}, "clip_norm"),
         ({"clip_norm": 1.0, "scheme": "layer"}, "scheme must be one of flat, uniform, dim"),
-        ({"clip_norm": 1.0, "mode": "scale"}, "mode must be one of clip, normalize"),
+        ({"clip_norm": 1.0, "mode": "scale"}, "mode must be one of clip, normalize, rescale"),
+        ({"clip_norm": 1.0, "mode": "rescale"}, "with scheme 'flat' is mode 'clip'"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -202,11 +203,14 @@ def updates(draw):
 clip_norms = st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False) | st.sampled_from(
     [1e-12, 1e12]
 )
-configs = st.builds(
-    ClipConfig,
-    clip_norm=clip_norms,
-    scheme=st.sampled_from(["flat", "uniform", "dim"]),
-    mode=st.sampled_from(["clip", "normalize"]),
+configs = (
+    st.tuples(
+        clip_norms,
+        st.sampled_from(["flat", "uniform", "dim"]),
+        st.sampled_from(["clip", "normalize", "rescale"]),
+    )
+    .filter(lambda c: not (c[1] == "flat" and c[2] == "rescale"))  # refused: it is "clip"
+    .map(lambda c: ClipConfig(*c))
 )
 
 
@@ -216,7 +220,7 @@ def test_clipped_norm_never_exceeds_bound(u, cfg):
     tol = 1 + CLIP_NORM_RTOL
     assert norm64(out) <= cfg.clip_norm * tol
     assert all(torch.isfinite(t).all() for t in out)
-    if cfg.per_layer:
+    if cfg.per_layer and (cfg.mode != "rescale" or stats.clipped):
         bounds = expected_bounds([t.numel() for t in u], cfg.clip_norm, cfg.scheme)
         for t, b in zip(out, bounds, strict=True):
             assert norm64([t]) <= b * tol
@@ -240,7 +244,11 @@ def test_clip_preserves_direction_and_normalize_hits_bound(u, cfg):
         assert np.allclose(unit(after), unit(before), rtol=0, atol=1e-6)
         if cfg.mode == "clip":
             assert norm64(after) <= norm64(before) * (1 + 1e-6)
-    if cfg.mode == "normalize":
+    rescaled = cfg.mode == "rescale" and norm64(u) >= cfg.clip_norm * (1 - 1e-9)
+    if cfg.mode == "rescale" and norm64(u) < cfg.clip_norm * (1 - 1e-9):
+        for t, o in zip(u, out, strict=True):
+            assert torch.equal(o, t)  # below C: unchanged, whatever a tensor's own C_h
+    if cfg.mode == "normalize" or rescaled:
         if not cfg.per_layer:
             if norm64(u) > 0:
                 assert norm64(out) == pytest.approx(cfg.clip_norm, rel=1e-6)
@@ -259,6 +267,8 @@ def test_server_rejects_anything_above_the_tolerance(u, cfg, excess):
         return  # an all-zero update cannot be pushed over the bound by scaling
     # Scale in float64 so the test measures the check, not the rounding of the scaling.
     inflated = [t.double() * (1 + excess) for t in out]
+    if cfg.mode == "rescale":  # only the whole update's bound C is checked: exceed that
+        inflated = [t / norm64(out) * cfg.clip_norm for t in inflated]
     reason = norm_violation(inflated, cfg, [t.shape for t in u])
     assert reason is not None and "bound" in reason
 
@@ -274,6 +284,27 @@ def test_server_rejects_one_layer_over_its_bound_even_if_total_is_within():
     assert "dense tensor" in norm_violation([sparse], ClipConfig(1.0), [(1, 2)])
     huge = [torch.tensor([1.7e308, 1.7e308], dtype=torch.float64)]
     assert "float64 range" in norm_violation(huge, ClipConfig(1.0), [(2,)])
+
+
+def test_rescale_is_the_papers_code_and_the_server_checks_only_c():
+    """ml-pfl4asr's clip_layer_grads: below C nothing changes; above, every tensor to its C_h."""
+    cfg = ClipConfig(1.0, scheme="dim", mode="rescale")  # C_h = sqrt(d_h / d)
+    shapes = [(1,), (99,)]  # C_0 = 0.1, C_1 = sqrt(0.99)
+    u = [torch.tensor([0.2]), torch.full((99,), math.sqrt(0.81 - 0.04) / math.sqrt(99))]
+    assert norm64(u) == pytest.approx(0.9) and norm64(u[:1]) == pytest.approx(2 * 0.1)
+    out, stats = clip_update(u, cfg, shapes)
+    assert all(torch.equal(o, t) for o, t in zip(out, u, strict=True)) and not stats.clipped
+    assert norm_violation(out, cfg, shapes) is None  # accepted unchanged
+    assert norm_violation(u, ClipConfig(1.0, "dim", "clip"), shapes) is not None  # clip: no
+    over = [t * (1.01 / 0.9) for t in u]  # an unrescaled 1.01 C
+    assert "exceeds the clip bound" in norm_violation(over, cfg, shapes)
+    out, stats = clip_update(over, cfg, shapes)
+    assert stats.clipped and stats.layers_clipped == 1
+    assert [norm64([o]) for o in out] == pytest.approx([0.1, math.sqrt(0.99)])
+    assert float(out[1].norm()) > float(over[1].norm())  # the small-share tensor scaled up
+    zero = [torch.tensor([2.0]), torch.zeros(99)]
+    out, _ = clip_update(zero, cfg, shapes)
+    assert norm64(out[:1]) == pytest.approx(0.1) and torch.equal(out[1], torch.zeros(99))
 
 
 def test_tolerance_helpers():
@@ -301,14 +332,18 @@ def varied_rows(seed=0):
     rows.append({n: torch.full(s, 1e-38) for n, s in STACK_SHAPES.items()})
     rows.append({**rows[0], "b": torch.zeros(5)})
     rows.append({**rows[1], "w": torch.full((6, 5), 1e3)})
+    # below C = 0.7 as a whole, one tensor above its own bound (rescale leaves it unchanged)
+    rows.append({"w": torch.zeros(6, 5), "b": torch.zeros(5), "s": torch.tensor([0.6])})
     return rows
 
 
 @pytest.mark.parametrize("scheme", ["flat", "uniform", "dim"])
-@pytest.mark.parametrize("mode", ["clip", "normalize"])
+@pytest.mark.parametrize("mode", ["clip", "normalize", "rescale"])
 def test_clip_stacked_equals_clip_update_row_by_row(scheme, mode):
-    from dpfl.privacy.clipping import clip_stacked
+    from dpfl.privacy.stacked import clip_stacked
 
+    if (scheme, mode) == ("flat", "rescale"):
+        pytest.skip("refused: flat rescale is clip")
     config = ClipConfig(0.7, scheme, mode)
     rows = varied_rows()
     out, stats = clip_stacked(stack_rows(rows), config, STACK_SHAPES)
@@ -326,7 +361,7 @@ def test_clip_stacked_equals_clip_update_row_by_row(scheme, mode):
 
 
 def test_clip_stacked_zeroes_non_finite_rows_and_flags_them():
-    from dpfl.privacy.clipping import clip_stacked
+    from dpfl.privacy.stacked import clip_stacked
 
     rows = varied_rows()[:3]
     rows[1] = {**rows[1], "b": torch.tensor([0.0, math.nan, 0.0, 0.0, 0.0])}
@@ -339,10 +374,10 @@ def test_clip_stacked_zeroes_non_finite_rows_and_flags_them():
 
 
 def test_stacked_violations_match_norm_violation():
-    from dpfl.privacy.clipping import stacked_violations
+    from dpfl.privacy.stacked import stacked_violations
 
-    for scheme in ("flat", "dim"):
-        config = ClipConfig(1.0, scheme)
+    for scheme, mode in (("flat", "clip"), ("dim", "clip"), ("dim", "rescale")):
+        config = ClipConfig(1.0, scheme, mode)
         rows = varied_rows(1)
         # one row exactly at the tolerance's edge, one just beyond it
         base = {n: torch.full(s, 1.0) for n, s in STACK_SHAPES.items()}
@@ -358,7 +393,7 @@ def test_stacked_violations_match_norm_violation():
 
 
 def test_stacks_with_wrong_layout_raise():
-    from dpfl.privacy.clipping import clip_stacked
+    from dpfl.privacy.stacked import clip_stacked
 
     good = stack_rows(varied_rows()[:2])
     with pytest.raises(ValueError, match="missing"):

@@ -134,6 +134,8 @@ def test_server_side_clipping_and_no_dp_runs(tmp_path):
         ({"cohort-size": 500}, r"cohort-size = 500.*\(0, population = 300\]"),
         ({"server-optimizer": "adamm"}, "server-optimizer = 'adamm': expected one of adagrad"),
         ({"clip-scheme": "layer"}, "expected one of flat, uniform, dim"),
+        ({"clip-mode": "rescale", "clip-scheme": "flat"}, "set clip-mode = 'clip', or a per-l"),
+        ({"clip-mode": "clipp"}, "expected one of clip, normalize, rescale.*did you mean 'clip'"),
         ({"rounds": "ten"}, "rounds = 'ten': expected an integer"),
         ({"delta": 1.5}, "delta"),
         ({"sampling": "fixed"}, "target-epsilon needs sampling = poisson"),

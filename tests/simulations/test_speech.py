@@ -200,3 +200,53 @@ def test_common_voice_without_a_test_table_holds_out_speakers(common_voice, tmp_
     dataset = build_dataset(RunConfig.from_mapping({**keys, **over}))
     assert dataset.test_from_users and len(dataset.test_data()) == 3  # one of each speaker's two
     assert not build_dataset(cfg).test_from_users  # held-out speakers are not federated users
+
+
+def test_a_node_synthesises_and_reads_only_its_own_speaker(tmp_path):
+    """A SuperNode's data (``build_data(cfg, user=u)``): the whole corpus's text index, numbered
+    as the server numbers it, but audio for its own speaker alone, and no test set."""
+    from dpfl.recipes import build_data
+
+    keys = {
+        "task": "asr",
+        "data-dir": str(tmp_path / "synth"),
+        "synthetic-speakers": 4,
+        "synthetic-utterances": 2,
+        "synthetic-test-speakers": 1,
+        "seed-speakers": 1,
+        "cohort-size": 1.0,
+    }
+    cfg = RunConfig.from_mapping(keys)
+    node = build_data(cfg, user=1)
+    flacs = sorted(p.name for p in (tmp_path / "synth").rglob("*.flac"))
+    assert flacs == ["1002-1-0000.flac", "1002-1-0001.flac"]  # speaker 1000 seeds; 1001 is 0
+    assert node.num_users == 3 and len(node.user_data(1)) == 2
+    with pytest.raises(ValueError, match="user 0's data is not on this node: it holds user 1"):
+        node.user_data(0)
+    assert node.user_size(0) == 2  # the index is there; the audio is not
+    build_data(cfg, user=1)  # idempotent: nothing synthesised again
+    assert len(list((tmp_path / "synth").rglob("*.flac"))) == 2
+    whole = build_data(cfg)  # the server's view: the full corpus, the same numbering
+    assert len(list((tmp_path / "synth").rglob("*.flac"))) == 10
+    assert whole.speakers == node.speakers
+    assert whole.user_data(1).texts == node.user_data(1).texts
+    assert torch.equal(whole.user_data(1).waves[0], node.user_data(1).waves[0])
+
+
+def test_a_node_needs_only_its_own_speakers_audio(libri, tmp_path):
+    from dpfl.recipes import build_data
+
+    corpus = tmp_path / "libri"
+    shutil.copytree(libri, corpus)
+    shutil.rmtree(corpus / "test")
+    for flac in (corpus / "train").rglob("*.flac"):
+        if not flac.name.startswith("1002-"):
+            flac.unlink()
+    cfg = RunConfig.from_mapping(
+        {"task": "asr", "data-format": "librispeech", "data-dir": str(corpus), "cohort-size": 1.0}
+    )
+    with pytest.raises(FileNotFoundError, match="1000-1-0000.flac is missing"):
+        build_data(cfg)  # the server's whole federation needs every file
+    node = build_data(cfg, user=2)
+    assert node.num_users == 4 and len(node.user_data(2)) == 3
+    assert len(node.test_data()) == 0  # a node evaluates nothing centrally

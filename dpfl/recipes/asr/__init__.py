@@ -7,15 +7,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from dpfl.config import RunConfig, Table, register_table, suggestion
-from dpfl.recipes import Recipe
+from dpfl.config import RunConfig, Table, not_one_of, register_table
+from dpfl.recipes import Recipe, with_population
 from dpfl.recipes.common import check_norm, norm_name
 
 log = logging.getLogger(__name__)
 
 CHOICES = {
     "arch": ("transformer", "conformer"),
-    "size": ("tiny", "small", "paper"),
+    "size": ("tiny", "deep", "small", "paper"),
     "data_format": ("synthetic", "librispeech", "commonvoice"),
     "test_split": ("", "speaker", "utterance"),
     "alphabet": ("en", "latin"),
@@ -31,7 +31,10 @@ class ASROptions:
     """The keys of the ``[asr]`` table."""
 
     arch: str = field(default="transformer", metadata=_doc("transformer or conformer"))
-    size: str = field(default="tiny", metadata=_doc("tiny, small or paper"))
+    size: str = field(
+        default="tiny",
+        metadata=_doc("tiny, deep (16 narrow blocks: 3.4x tiny's tensors), small or paper"),
+    )
     dropout: float = field(default=0.3, metadata=_doc("dropout"))
     layerdrop: float = field(default=0.3, metadata=_doc("layer-drop (transformer)"))
     spec_augment: bool = field(default=True, metadata=_doc("SpecAugment in training"))
@@ -95,9 +98,9 @@ class ASROptions:
             )
 
         for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                shown = ", ".join(repr(c) if c == "" else c for c in choices)
-                raise bad(name, "one of " + shown + suggestion(getattr(self, name), choices))
+            accepted = not_one_of(getattr(self, name), choices)
+            if accepted:
+                raise bad(name, accepted)
         for name in ("dropout", "layerdrop"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, "a number in [0, 1)")
@@ -151,26 +154,21 @@ def speech_splits(cfg: RunConfig) -> tuple[str, str]:
     return o.data_train or train, o.data_test or test
 
 
-def speech_corpus(cfg: RunConfig):
+def speech_corpus(cfg: RunConfig, node: bool = False):
     """(train utterances, test utterances) of the configured corpus, generating a synthetic one
-    on first use. With test-split, the test utterances are held out of data-train."""
+    on first use. With test-split, the test utterances are held out of data-train.
+
+    ``node``: as one node of a deployment reads it: the transcripts only (text), no audio file
+    checked or synthesised, and no test set (the server evaluates)."""
     o = asr_options(cfg)
     from dpfl.recipes.asr.data import hold_out, read_common_voice, read_librispeech
 
     if o.data_format == "synthetic":
-        from dpfl.recipes.asr.synth import generate_corpus
-
         log.info("synthetic speech corpus in %s", o.data_dir)
-        generate_corpus(
-            o.data_dir,
-            speakers=o.synthetic_speakers,
-            utterances=o.synthetic_utterances,
-            test_speakers=o.synthetic_test_speakers,
-            seed=cfg.seed,
-        )
+        synthesise(cfg, only_speakers=() if node else None)
     read = read_common_voice if o.data_format == "commonvoice" else read_librispeech
     train_name, test_name = speech_splits(cfg)
-    train = read(o.data_dir, train_name)
+    train = read(o.data_dir, train_name, check_audio=not node)
     if o.test_split:
         train, test = hold_out(train, o.test_split, o.test_fraction, cfg.seed)
         log.info(
@@ -180,8 +178,23 @@ def speech_corpus(cfg: RunConfig):
             o.test_split,
             o.test_fraction,
         )
-        return train, test
-    return train, read(o.data_dir, test_name)
+        return train, ([] if node else test)
+    return train, ([] if node else read(o.data_dir, test_name))
+
+
+def synthesise(cfg: RunConfig, only_speakers=None) -> None:
+    """The configured synthetic corpus (``only_speakers``: see ``generate_corpus``)."""
+    from dpfl.recipes.asr.synth import generate_corpus
+
+    o = asr_options(cfg)
+    generate_corpus(
+        o.data_dir,
+        speakers=o.synthetic_speakers,
+        utterances=o.synthetic_utterances,
+        test_speakers=o.synthetic_test_speakers,
+        seed=cfg.seed,
+        only_speakers=only_speakers,
+    )
 
 
 def task(cfg: RunConfig):
@@ -201,12 +214,14 @@ def task(cfg: RunConfig):
     )
 
 
-def data(cfg: RunConfig):
+def data(cfg: RunConfig, user: int | None = None):
+    """The speakers as users. ``user``: the one a node trains (a Flower SuperNode): only its
+    audio is read, or synthesised, and any other user's data is refused."""
     o = asr_options(cfg)
     from dpfl.models.asr.text import CharTokenizer
     from dpfl.recipes.asr.data import SpeechFederatedDataset, split_speakers
 
-    train, test = speech_corpus(cfg)
+    train, test = speech_corpus(cfg, node=user is not None)
     seed_speakers, _ = split_speakers(train, o.seed_speakers)
     dataset = SpeechFederatedDataset(
         train,
@@ -216,12 +231,15 @@ def data(cfg: RunConfig):
         exclude=seed_speakers,
         max_test_utterances=o.max_test_utterances,
     )
-    if cfg.population not in (0, dataset.num_users):
-        raise ValueError(
-            f"config key population = {cfg.population}, but the corpus in {o.data_dir} "
-            f"has {dataset.num_users} speakers to federate ({o.seed_speakers} kept for "
-            f"the seed): set population = {dataset.num_users}"
-        )
+    seed = f", {o.seed_speakers} speakers kept for the seed" if o.seed_speakers else ""
+    with_population(
+        cfg, dataset.num_users, f"the corpus in {o.data_dir} (a user per speaker{seed})"
+    )
+    if user is None:
+        return dataset
+    dataset.for_node(user)
+    if o.data_format == "synthetic":
+        synthesise(cfg, only_speakers=[dataset.speakers[user]])
     return dataset
 
 

@@ -51,8 +51,10 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     return wave.contiguous()
 
 
-def read_librispeech(root: str | Path, subset: str) -> list[Utterance]:
-    """Every utterance of ``root/subset``, in speaker, chapter and id order."""
+def read_librispeech(root: str | Path, subset: str, check_audio: bool = True) -> list[Utterance]:
+    """Every utterance of ``root/subset``, in speaker, chapter and id order. ``check_audio=False``
+    reads the transcripts only (a node whose folder holds only its own speaker's audio; a missing
+    file is then reported when it is loaded)."""
     base = Path(root) / subset
     if not base.is_dir():
         raise FileNotFoundError(f"LibriSpeech subset folder {base} does not exist")
@@ -70,7 +72,7 @@ def read_librispeech(root: str | Path, subset: str) -> list[Utterance]:
                     f"(expected '{prefix}NNNN TEXT')"
                 )
             audio = trans.parent / f"{parts[0]}.flac"
-            if not audio.is_file():
+            if check_audio and not audio.is_file():
                 raise FileNotFoundError(f"{trans}:{lineno}: audio file {audio} is missing")
             out.append(Utterance(speaker, audio, parts[1].strip()))
     if not out:
@@ -78,9 +80,11 @@ def read_librispeech(root: str | Path, subset: str) -> list[Utterance]:
     return out
 
 
-def read_common_voice(root: str | Path, tsv: str = "train.tsv") -> list[Utterance]:
+def read_common_voice(
+    root: str | Path, tsv: str = "train.tsv", check_audio: bool = True
+) -> list[Utterance]:
     """The utterances listed in ``root/tsv`` (``.tsv`` may be left out), audio under
-    ``root/clips``."""
+    ``root/clips`` (``check_audio``: as for :func:`read_librispeech`)."""
     root = Path(root)
     table = root / tsv
     if not table.is_file() and table.suffix != ".tsv":
@@ -97,7 +101,7 @@ def read_common_voice(root: str | Path, tsv: str = "train.tsv") -> list[Utteranc
             if not row["client_id"] or not row["path"] or row["sentence"] is None:
                 raise ValueError(f"{table}:{lineno}: malformed row {row}")
             audio = root / "clips" / row["path"]
-            if not audio.is_file():
+            if check_audio and not audio.is_file():
                 raise FileNotFoundError(f"{table}:{lineno}: audio file {audio} is missing")
             out.append(Utterance(row["client_id"], audio, row["sentence"]))
     if not out:
@@ -196,10 +200,27 @@ class SpeechFederatedDataset:
             self._test = [self._test[int(i * step)] for i in range(max_test_utterances)]
         self._cache: OrderedDict[str, SpeechData] = OrderedDict()
         self._cache_users = cache_users
+        self.node_user: int | None = None
 
     @property
     def num_users(self) -> int:
         return len(self.speakers)
+
+    def for_node(self, user: int) -> SpeechFederatedDataset:
+        """This dataset as the node of ``user`` holds it: the federation's numbering, and a clear
+        error for any other user's data (whose audio the node need not have)."""
+        self._check(user)
+        self.node_user = int(user)
+        return self
+
+    def _check(self, user: int) -> None:
+        if not 0 <= int(user) < self.num_users:
+            raise IndexError(f"user {user} is not in the population of {self.num_users} speakers")
+        if self.node_user is not None and int(user) != self.node_user:
+            raise ValueError(
+                f"user {user}'s data is not on this node: it holds user {self.node_user} "
+                f"(speaker {self.speakers[self.node_user]}) only"
+            )
 
     def speaker_data(self, speaker: str) -> SpeechData:
         if speaker in self._cache:
@@ -215,12 +236,12 @@ class SpeechFederatedDataset:
         return data
 
     def user_data(self, user: int) -> SpeechData:
-        if not 0 <= int(user) < self.num_users:
-            raise IndexError(f"user {user} is not in the population of {self.num_users} speakers")
+        self._check(user)
         return self.speaker_data(self.speakers[int(user)])
 
     def user_size(self, user: int) -> int:
-        """The number of the speaker's utterances, without loading their audio."""
+        """The number of the speaker's utterances, without loading their audio (the listing
+        has it, also on a node)."""
         if not 0 <= int(user) < self.num_users:
             raise IndexError(f"user {user} is not in the population of {self.num_users} speakers")
         return len(self._by_speaker[self.speakers[int(user)]])

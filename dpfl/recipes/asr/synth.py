@@ -15,7 +15,7 @@ import csv
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,8 +192,13 @@ def generate_corpus(
     layout: str = "librispeech",
     sample_rate: int | None = 16_000,
     workers: int = 4,
+    only_speakers: Collection[str] | None = None,
 ) -> Path:
     """Write a corpus; returns ``out_dir``. Idempotent: an existing complete corpus is kept.
+
+    ``only_speakers``: write the whole index (transcripts or TSVs: text) but synthesise only
+    these speakers' audio (ids as the index names them, e.g. ``"1003"``): what one node of a
+    deployment needs. Each speaker so written is marked, so a second call redoes nothing.
 
     LibriSpeech layout: ``train/`` with ``speakers`` speakers and ``test/`` with
     ``test_speakers`` other speakers. Common Voice layout: ``clips/*.mp3``, ``train.tsv`` and
@@ -215,6 +220,7 @@ def generate_corpus(
         return out
     out.mkdir(parents=True, exist_ok=True)
     all_voices = voices(speakers + test_speakers, seed)
+    partial = only_speakers is not None
     rng = np.random.default_rng([seed, 2])
     jobs = []  # (speaker index, utterance index, subset, text)
     for k in range(speakers + test_speakers):
@@ -244,11 +250,29 @@ def generate_corpus(
             soundfile.write(str(out / "clips" / f"{spk}_{i:04d}.mp3"), data, rate, format="MP3")
         return job
 
+    if partial:
+        wanted = set(only_speakers)
+        todo = [
+            j
+            for j in jobs
+            if speaker_id(j[0]) in wanted
+            and _read(out / f".speaker-{speaker_id(j[0])}") != spec
+        ]
+    else:
+        todo = jobs
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        rendered = list(pool.map(render, jobs))
-    _write_index(out, layout, rendered, speaker_id)
-    done.write_text(spec)
+        list(pool.map(render, todo))
+    _write_index(out, layout, jobs, speaker_id)
+    if partial:
+        for spk in {speaker_id(j[0]) for j in todo}:
+            (out / f".speaker-{spk}").write_text(spec)
+    else:
+        done.write_text(spec)
     return out
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def _write_index(out: Path, layout: str, jobs: Sequence[tuple], speaker_id) -> None:
@@ -258,6 +282,7 @@ def _write_index(out: Path, layout: str, jobs: Sequence[tuple], speaker_id) -> N
             spk = speaker_id(k)
             groups.setdefault((subset, spk), []).append(f"{spk}-1-{i:04d} {text.upper()}")
         for (subset, spk), lines in groups.items():
+            (out / subset / spk / "1").mkdir(parents=True, exist_ok=True)
             (out / subset / spk / "1" / f"{spk}-1.trans.txt").write_text("\n".join(lines) + "\n")
         return
     for subset in ("train", "test"):

@@ -5,9 +5,10 @@ offline."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dpfl.config import RunConfig, Table, register_table
-from dpfl.recipes import Recipe
+from dpfl.recipes import Recipe, with_population
 from dpfl.recipes.common import check_norm, norm_name
 
 
@@ -105,16 +106,21 @@ def task(cfg: RunConfig):
     )
 
 
-def data(cfg: RunConfig):
+def data(cfg: RunConfig, user: int | None = None):
+    """The scenes as users, each read when first used. ``user``: a node's, whose scene alone
+    needs to be on disk; without it every scene's split files must be there."""
     o = localization_options(cfg)
     from dpfl.recipes.localization.scenes import SceneDataset
 
     dataset = SceneDataset(o.scenes_dir, scene_names(cfg))
-    if cfg.population not in (0, dataset.num_users):
-        raise ValueError(
-            f"config key population = {cfg.population}, but there are {dataset.num_users} "
-            f"scenes (one client each): set population = {dataset.num_users}"
-        )
+    for scene in dataset.scenes if user is None else [dataset.scenes[user]]:
+        for split in ("TrainSplit.txt", "TestSplit.txt"):
+            if not (Path(o.scenes_dir) / scene / split).is_file():
+                raise FileNotFoundError(
+                    f"split file {Path(o.scenes_dir) / scene / split} does not exist "
+                    "(localization.scenes-dir holds one folder per scene, 7-Scenes layout)"
+                )
+    with_population(cfg, dataset.num_users, f"{o.scenes_dir} (a user per scene)")
     return dataset
 
 

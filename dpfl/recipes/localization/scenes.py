@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -289,27 +290,36 @@ def render_scene(
 
 class SceneDataset:
     """Scenes as users: ``user_data`` is a scene's training frames, ``user_test_data`` its test
-    frames (7-Scenes layout under ``root``)."""
+    frames (7-Scenes layout under ``root``). A scene is read when first asked for, so a node
+    reads only its own."""
 
     def __init__(self, root: str, scenes: Sequence[str]) -> None:
         if not scenes:
             raise ValueError("need at least one scene")
+        self.root = root
         self.scenes = list(scenes)
-        self._train = [read_7scenes(root, s, "train") for s in self.scenes]
-        self._test = [read_7scenes(root, s, "test") for s in self.scenes]
+        self._frames: dict[tuple[int, str], Any] = {}
 
     @property
     def num_users(self) -> int:
         return len(self.scenes)
 
+    def _read(self, user: int, split: str):
+        if not 0 <= int(user) < self.num_users:
+            raise IndexError(f"user {user} is not one of the {self.num_users} scenes")
+        key = (int(user), split)
+        if key not in self._frames:
+            self._frames[key] = read_7scenes(self.root, self.scenes[int(user)], split)
+        return self._frames[key]
+
     def user_data(self, user: int):
-        return self._train[user]
+        return self._read(user, "train")
 
     def user_test_data(self, user: int):
-        return self._test[user]
+        return self._read(user, "test")
 
     def test_data(self):
-        return self._test[0]
+        return self._read(0, "test")
 
 
 def constant_baseline(dataset: SceneDataset) -> dict[str, float]:
