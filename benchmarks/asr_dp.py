@@ -14,8 +14,9 @@ paper's central comparison, in kind, on a 2-core CPU.
    stage 1: global vs dim-rescale on ``tiny`` across the noise sweep, to find where they part;
    stage 2: every variant on both models at the two noise levels around that point (picked from
    stage 1 unless ``--stage2-scales``), with a second seed for global and dim-rescale.
-   Cells run in priority order and stop starting once ``--budget-minutes`` is spent; results.md
-   lists what was cut.
+   Cells run in priority order (global and dim-rescale, their second seeds, the other per-layer
+   variants, the Adam and SGD baselines) and stop starting once ``--budget-minutes`` is spent;
+   results.md lists what was cut.
 5. Per cell: WER/CER on held-out speakers, (epsilon, delta) as run and extrapolated to the
    paper's populations, wall time, and the per-layer ratios r_h = (|D_h|/|D|) / sqrt(d_h/d) of
    the clients' pre-clip deltas (non-private diagnostics, recorded here to explain the outcome).
@@ -23,8 +24,12 @@ paper's central comparison, in kind, on a 2-core CPU.
 Each cell writes ``cells/<model>-<variant>-<scale>-s<seed>.json`` when it finishes; ``--resume``
 skips finished cells. Writes results.md, results.json and wer_vs_noise.png.
 
-Not a test; CI does not run it. Usage (about 2 h on 2 CPU cores):
+Not a test; CI does not run it. On 2 CPU cores the corpus and the two seeds take about 25 min and
+a cell about 5.5 min, so the whole plan (12 + 32 cells) takes about 4 h: run it in sittings,
+each stopped by ``--budget-minutes``, and continue with ``--resume``:
     .venv/bin/python benchmarks/asr_dp.py [--out benchmarks/results/asr_dp] [--resume]
+Run it from a copy of the code (or leave the tree alone) while it runs: it imports modules
+lazily.
 """
 
 from __future__ import annotations
@@ -139,8 +144,8 @@ def main() -> None:
         t0 = time.perf_counter()
         others = [v for v in VARIANTS if v not in SEEDED]
         order = [(m, v, s, 0) for v in SEEDED for m in MODELS for s in scales2]
-        order += [(m, v, s, 0) for v in others for m in MODELS for s in scales2]
         order += [(m, v, s, 1) for v in SEEDED for m in MODELS for s in scales2]
+        order += [(m, v, s, 0) for v in others for m in MODELS for s in scales2]
         for cell in order:
             if not run_cell(out, base, seeds, *cell, args, budget_left):
                 cut.append(key(*cell))

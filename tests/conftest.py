@@ -17,3 +17,13 @@ settings.register_profile(
     "dpfl", deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dpfl"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow and long tests first, in collection order otherwise: pytest-xdist's workers then
+    start them early and share out the short ones, rather than meeting a long test at the end
+    with one worker idle. (Every worker sorts the same collection the same way.)"""
+    def short(item) -> bool:
+        return not (item.get_closest_marker("slow") or item.get_closest_marker("long"))
+
+    items.sort(key=short)

@@ -84,6 +84,27 @@ def test_budget_target_epsilon(capsys):
     assert row["sigma_dp"] == pytest.approx(1e-5, rel=0.01)
 
 
+def test_budget_prints_the_noise_in_the_three_conventions(capsys):
+    """dpfl's z on the sum, the paper's sigma_DP = z/S on the average, ml-pfl4asr's dp_sigma =
+    C*sigma_DP: paper.toml's noise (z = 0.01024, S = 1024, C = 0.01) read all three ways."""
+    args = ["budget", "-z", "0.01024", "--cohort", "1024", "--population", "34753", "-T", "10"]
+    assert main([*args, "--accountants", "rdp", "--clip-norm", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "z = 0.01024: std z*C on the sum of clipped updates (dpfl)" in out
+    assert "sigma_DP = z/S = 1e-05: std sigma_DP*C on the average" in out
+    assert "dp_sigma = C*sigma_DP = 1e-07 with C = 0.01 (ml-pfl4asr's config)" in out
+    assert main([*args, "--accountants", "rdp", "--clip-norm", "0.01", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["sigma_dp"] == pytest.approx(1e-5) and plan["dp_sigma"] == pytest.approx(1e-7)
+    assert main([*args, "--accountants", "rdp"]) == 0  # without C: no absolute figure
+    assert "dp_sigma" not in capsys.readouterr().out
+    target = ["budget", "--target-epsilon", "4.44", "--accountants", "rdp", *PAPER]
+    assert main([*target, "--clip-norm", "0.01"]) == 0
+    assert "dp_sigma" in capsys.readouterr().out  # a column beside z and sigma_DP
+    assert main([*args, "--clip-norm", "0"]) == 2
+    assert "--clip-norm must be > 0" in capsys.readouterr().err
+
+
 def test_an_accountant_that_refuses_is_reported_not_fatal(capsys):
     args = ["budget", "--target-epsilon", "1e4", "-q", "0.1", "-T", "10", "--delta", "1e-5"]
     assert main([*args, "--accountants", "rdp,pld", "--json"]) == 0
@@ -144,7 +165,7 @@ def test_default_delta_follows_population(capsys):
         )
         == 0
     )
-    assert json.loads(capsys.readouterr().out)["plan"]["delta"] == pytest.approx(1e-6)
+    assert json.loads(capsys.readouterr().out)["plan"]["delta"] == pytest.approx(1e-9)
 
 
 @pytest.mark.parametrize(

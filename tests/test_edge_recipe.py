@@ -3,7 +3,13 @@ the ``edge-recipe`` markers, read from README.md itself, in order, on loopback (
 block holds the settings (only ``export`` lines): it runs before every other block, and the test
 changes what the README lets it change only through the variables it defines there (a scratch
 folder, free ports). Blocks marked ``edge-recipe:background`` (SuperLink, SuperNodes) start in
-their own process group and are stopped at the end, with everything they started."""
+their own process group and are stopped at the end, with everything they started.
+
+The recipe's secured SuperLink then also shows what it refuses: a SuperNode whose key was never
+registered is refused and gives up, and a SuperNode given a root certificate that did not sign
+the SuperLink's cannot connect. (Which users a registry binds to which authenticated nodes, and
+a registered user whose node never connects, are tested against the strategy in
+tests/flower/test_strategy.py, without a deployment.)"""
 
 from __future__ import annotations
 
@@ -17,7 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.flower_local import ROOT, free_port, run_status
+from tests.support.flower_local import (
+    BIN,
+    ROOT,
+    free_port,
+    make_test_certs,
+    run_status,
+    supernode_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -180,3 +193,32 @@ def test_the_readme_edge_recipe_runs_as_written(tmp_path, background):
     assert match, report
     assert 0 < float(match[1]) <= 8.0 * (1 + 1e-6)
     assert "diag_sys_steps_per_second_mean" in report  # the tail of metrics.jsonl
+
+    # what the secured SuperLink refuses: an unregistered key, and a node that distrusts it
+    certs, other = deploy / "certs", make_test_certs(tmp_path / "other-certs", nodes=1)
+    port = int(overrides["SUPERLINK_PORT"])
+    refused = {
+        "unregistered": supernode_command(
+            port, 0, 2, certs / "ca.crt", other / "node-0.key", max_retries=2
+        ),
+        "wrong-ca": supernode_command(
+            port, 1, 2, certs / "wrong-ca.crt", certs / "node-1.key", max_retries=2
+        ),
+    }
+    node_env = {**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}  # as the recipe's exports
+    procs = {
+        name: subprocess.Popen(
+            cmd, env=node_env, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        for name, cmd in refused.items()
+    }
+    try:
+        for name, proc in procs.items():
+            assert proc.wait(timeout=120) != 0, name
+        assert "Failed to activate SuperNode" in (tmp_path / "unregistered.log").read_text()
+        assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "wrong-ca.log").read_text()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)

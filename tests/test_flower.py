@@ -112,7 +112,7 @@ def test_deployment_on_loopback_two_supernodes(tmp_path):
         values = {
             "population": 2,
             "cohort-size": 2.0,
-            "rounds": 2,
+            "rounds": 1,  # each round costs a ClientApp process per node (~10 s)
             "target-epsilon": 0.0,
             "noise-multiplier": 1.0,
             "run-dir": str(run_dir),
@@ -125,7 +125,7 @@ def test_deployment_on_loopback_two_supernodes(tmp_path):
             (logs / "superlink.log").read_text()[-3000:],
         )
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert len(rows) == 3 and all("update_norm" in r for r in rows[1:])
+        assert len(rows) == 2 and all("update_norm" in r for r in rows[1:])
         assert not any(k.startswith("diag_") for r in rows for k in r)  # off by default
         torch.manual_seed(RunConfig.from_mapping(values).seed)
         from dpfl.recipes import build_task

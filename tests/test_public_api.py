@@ -155,6 +155,7 @@ def user_package(tmp_path, monkeypatch):
         del sys.modules[name]
 
 
+@pytest.mark.long
 def test_the_same_task_from_toml_and_the_cli_by_import_path(tmp_path, user_package):
     toml = tmp_path / "run.toml"
     toml.write_text(textwrap.dedent(f"""

@@ -56,6 +56,7 @@ def test_the_readme_budget_examples_run(capsys):
         assert "epsilon" in capsys.readouterr().out
 
 
+@pytest.mark.long
 def test_the_readme_report_examples_run_on_run_folders(tmp_path, capsys, monkeypatch):
     """`dpfl report` as the README writes it, with its run folders made by short runs."""
     monkeypatch.chdir(tmp_path)

@@ -60,7 +60,7 @@ def flower_run(tmp_path, monkeypatch, **over):
     monkeypatch.setattr(CohortSampler, "cohort", recording)
     cfg = RunConfig.from_mapping({**BASE, "run-dir": str(tmp_path / "run"), **over})
     grid = InProcessGrid(failing=frozenset(range(0, POPULATION, 3)))
-    from dpfl.flower.strategy import discover_users
+    from dpfl.flower.nodes import discover_users
     from dpfl.recipes import resolve
 
     made_of = resolve(cfg)

@@ -75,7 +75,9 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--delta",
         type=_finite_float("--delta"),
-        help="target delta (default: a power of ten at least 10x below 1/population)",
+        help="target delta (default: a power of ten at least 10x below 1/(1000 x population), "
+        "so that it stays below 1/K at every population the extrapolation shows, as dpfl "
+        "simulate's default)",
     )
     p.add_argument(
         "--accountants",
@@ -181,12 +183,12 @@ def _resolve_budget(args: argparse.Namespace) -> dict:
 def _extrapolation_settings(
     tokens: list[str], cohort: float | None, population: int | None
 ) -> list[tuple[str, float, float]]:
-    from dpfl.privacy.accounting import scaled_settings
+    from dpfl.privacy.accounting import EXTRAPOLATION_SCALES, scaled_settings
 
     if cohort is None or population is None:
         raise CliError("--extrapolate needs --cohort and --population")
     out = []
-    for token in tokens or ["10", "100", "1000"]:
+    for token in tokens or [f"{x:g}" for x in EXTRAPOLATION_SCALES]:
         if ":" in token:
             s_text, k_text = token.split(":", 1)
             try:

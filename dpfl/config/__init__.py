@@ -191,7 +191,13 @@ class RunConfig:
             "round would exceed it (0: off)"
         ),
     )
-    delta: float = field(default=0.0, metadata=_doc("delta (0: a power of ten <= 0.1/population)"))
+    delta: float = field(
+        default=0.0,
+        metadata=_doc(
+            "delta (0: a power of ten <= 0.1/(1000 x population), below 1/K at every population "
+            "the report extrapolates to; 1e-9 for the paper's 34,753 speakers)"
+        ),
+    )
     allow_large_delta: bool = field(
         default=False,
         metadata=_doc(
@@ -242,7 +248,8 @@ class RunConfig:
         default=False,
         metadata=_doc(
             "record non-private diagnostics (diag_*: exact counts of replies, failures and "
-            "cohort sizes, per-client losses and norms, device figures); not covered by DP"
+            "cohort sizes, per-client losses and norms, per-layer norm ratios, device figures); "
+            "not covered by DP"
         ),
     )
     device: str = field(default="auto", metadata=_doc("auto, cpu or cuda"))

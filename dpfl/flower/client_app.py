@@ -35,9 +35,9 @@ from dpfl.client.train import (
     private_weights,
 )
 from dpfl.config import ALIASES, RunConfig
+from dpfl.flower.nodes import USER_KEY
 from dpfl.loop.run import client_seed, local_config, pick_device
 
-USER_KEY = "partition-id"
 PRIVATE_KEY = "dpfl-private-parameters"
 FLOWER_NODE_KEYS = frozenset({USER_KEY, "num-partitions"})
 """Node-config keys Flower itself uses (the simulation engine sets both)."""

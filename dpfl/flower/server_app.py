@@ -22,7 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from dpfl.api import object_label
 from dpfl.config import RunConfig
-from dpfl.flower.strategy import DPFedAvg, discover_users, load_node_registry
+from dpfl.flower.nodes import discover_users, load_node_registry
+from dpfl.flower.strategy import DPFedAvg
 
 
 def make_server_app(task: Any = None, data: Any = None) -> ServerApp:

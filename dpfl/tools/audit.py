@@ -3,7 +3,7 @@
 Setting (the threat model of user-level DP, worst case for the attacker's target):
 
 * one round of dpfl's real release path: each client clips its delta (``clip_update``), the
-  server's :class:`~dpfl.server.round.RoundAggregator` validates and sums the updates (its norm
+  server's :class:`~dpfl.server.aggregate.RoundAggregator` validates and sums the updates (its norm
   check included), and :class:`~dpfl.privacy.mechanisms.GaussianMechanism` returns the noisy
   average, with the OS-seeded noise source;
 * the other clients' updates are fixed (random directions, each clipped), so the two worlds

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dpfl.privacy.accounting import extrapolate, scaled_settings
+from dpfl.privacy.accounting import EXTRAPOLATION_SCALES, extrapolate, scaled_settings
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, list[dict], dict]:
@@ -42,7 +42,7 @@ def _num(v: Any) -> float:
 
 
 def statement_lines(
-    config: dict, summary: dict, scales: tuple[float, ...] = (10, 100, 1000)
+    config: dict, summary: dict, scales: tuple[float, ...] = EXTRAPOLATION_SCALES
 ) -> list[str]:
     p = summary["privacy"]
     planned = p["rounds_planned"]

@@ -87,7 +87,7 @@ class QueryGrid:
 
 
 def test_discovery_refuses_out_of_range_claims_and_drops_duplicates(caplog):
-    from dpfl.flower.strategy import discover_users
+    from dpfl.flower.nodes import discover_users
 
     grid = QueryGrid({10: 0, 11: 1, 12: 1, 13: 7, 14: -1, 15: 2})
     with caplog.at_level("WARNING", logger="dpfl.flower.strategy"):
@@ -98,7 +98,7 @@ def test_discovery_refuses_out_of_range_claims_and_drops_duplicates(caplog):
 
 
 def test_a_node_registry_binds_users_to_authenticated_nodes(tmp_path, caplog):
-    from dpfl.flower.strategy import discover_users, load_node_registry
+    from dpfl.flower.nodes import discover_users, load_node_registry
 
     path = tmp_path / "nodes.toml"
     path.write_text('[nodes]\n"10" = 0\n"11" = 1\n"12" = 2\n')
@@ -116,16 +116,16 @@ def test_a_node_registry_binds_users_to_authenticated_nodes(tmp_path, caplog):
 def test_with_a_registry_discovery_waits_only_for_the_registered_nodes(monkeypatch):
     """A population of 3 with one registered node: nothing more can join, so discovery asks at
     once instead of waiting out the timeout for nodes that would be refused anyway."""
-    from dpfl.flower import strategy
+    from dpfl.flower import nodes
 
     slept = []
-    monkeypatch.setattr(strategy.time, "sleep", slept.append)
+    monkeypatch.setattr(nodes.time, "sleep", slept.append)
     grid = QueryGrid({10: 0, 13: 2})  # 13 is connected but not registered
-    users = strategy.discover_users(grid, expected=3, timeout=600, population=3, registry={10: 0})
+    users = nodes.discover_users(grid, expected=3, timeout=600, population=3, registry={10: 0})
     assert users == {0: 10} and slept == []
     waiting = QueryGrid({13: 2})  # the registered node is not there yet: discovery waits for it
-    monkeypatch.setattr(strategy.time, "monotonic", iter(range(0, 10**6, 100)).__next__)
-    strategy.discover_users(waiting, expected=3, timeout=600, population=3, registry={10: 0})
+    monkeypatch.setattr(nodes.time, "monotonic", iter(range(0, 10**6, 100)).__next__)
+    nodes.discover_users(waiting, expected=3, timeout=600, population=3, registry={10: 0})
     assert len(slept) == 5
 
 
@@ -140,7 +140,7 @@ def test_with_a_registry_discovery_waits_only_for_the_registered_nodes(monkeypat
     ],
 )
 def test_bad_node_registries_are_refused(tmp_path, text, match):
-    from dpfl.flower.strategy import load_node_registry
+    from dpfl.flower.nodes import load_node_registry
 
     path = tmp_path / "nodes.toml"
     path.write_text(text)

@@ -127,6 +127,7 @@ def test_calibration_inverts_epsilon(accountant, z, q, t, delta):
     assert z_found == pytest.approx(z, rel=0.02)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("accountant", ["prv", "pld"])
 def test_calibration_near_the_grid_limit(accountant):
     """The paper's real cohort (q = 1024/34753, T = 2000): targets whose z lies just above the
@@ -153,6 +154,7 @@ def test_prv_calibration_for_a_small_target_above_the_rdp_answer():
     assert target * 0.99 <= compute_epsilon(z, q, t, delta, "prv").epsilon <= target
 
 
+@pytest.mark.long
 def test_calibration_out_of_range_names_the_range():
     with pytest.raises(ValueError, match=r"above 10000, the top of the calibration search range"):
         calibrate_noise_multiplier(1e-6, 1e-5, 0.01, 1000)
@@ -318,10 +320,15 @@ def test_extrapolation_rejects_cohort_above_population():
         scaled_settings(10, 100, [float("inf")])
 
 
-def test_default_delta_is_below_one_over_population():
-    assert default_delta(34_753) == pytest.approx(1e-6)
+def test_default_delta_stays_below_one_over_every_extrapolated_population():
+    assert default_delta(34_753) == pytest.approx(1e-9)  # the paper's delta for its population
+    assert default_delta(34_753, headroom=1) == pytest.approx(1e-6)  # the plain 0.1/K rule
     for k in (1, 10, 999, 1000, 6_950_600):
-        assert default_delta(k) <= 0.1 / k
+        assert default_delta(k) <= 0.1 / (1000 * k)
+        # the report extrapolates to 10x, 100x, 1000x K and keeps delta: always below 1/K'
+        assert all(default_delta(k) * k * scale < 1 for scale in (10, 100, 1000))
+    with pytest.raises(ValueError, match="headroom"):
+        default_delta(10, headroom=0.5)
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def asr_config(corpus, run_dir, **over):
     return RunConfig.from_mapping(values)
 
 
+@pytest.mark.long
 def test_central_training_lowers_ctc_loss_and_cer(asr_corpus, tmp_path):
     """About 40 s of CPU: 8 seed speakers, 300 Adam steps; CER on 3 unseen speakers < 0.75."""
     from dpfl.recipes.asr.central import train_central

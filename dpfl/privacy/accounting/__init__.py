@@ -54,6 +54,7 @@ from dpfl.privacy.accounting.epsilon import (
     slack_note,
 )
 from dpfl.privacy.accounting.ledger import (
+    EXTRAPOLATION_SCALES,
     ExtrapolationRow,
     PrivacyLedger,
     default_delta,
@@ -74,6 +75,7 @@ __all__ = [
     "ADJACENCY",
     "CALIBRATION_RANGE",
     "DEFAULT_RDP_ORDERS",
+    "EXTRAPOLATION_SCALES",
     "MIN_NOISE_MULTIPLIER",
     "PLD_DISCRETIZATION",
     "PRV_EPS_ERROR",

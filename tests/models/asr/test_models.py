@@ -60,7 +60,8 @@ def test_an_utterance_does_not_depend_on_its_batch():
 
 
 def test_bad_model_names():
-    with pytest.raises(ValueError, match="unknown ASR size 'huge'; known: tiny, small, paper"):
+    known = "tiny, deep, small, paper"
+    with pytest.raises(ValueError, match=f"unknown ASR size 'huge'; known: {known}"):
         build_asr_model("transformer", "huge")
     with pytest.raises(ValueError, match="unknown ASR architecture 'rnn'"):
         build_asr_model("rnn", "tiny")

@@ -133,6 +133,7 @@ def test_new_scene_adaptation_trains_only_scene_specific_parameters(scenes):
     assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
 
 
+@pytest.mark.long
 def test_short_federated_run_beats_the_constant_baseline(tmp_path):
     """2 scenes, 12 rounds of OFVL-MS (layer-wise normalised shared deltas, FedAvg): the median
     scene-coordinate error on held-out frames drops below predicting each scene's mean point."""
