@@ -135,9 +135,13 @@ def run_in_process(
                 continue
             agg.add(res.delta)  # already on the CPU: what leaves a client
             tally.diagnose(res.train_loss, res.clip_stats)
-            if cfg.diagnostics:
-                norms = res.clip_stats.layer_norms if res.clip_stats is not None else None
-                tally.layers(res.delta, norms)
+            if cfg.diagnostics:  # pre-clip tensor norms (the delta's own when unclipped)
+                norms = (
+                    res.clip_stats.layer_norms
+                    if res.clip_stats is not None
+                    else [float(torch.linalg.vector_norm(t.double())) for t in res.delta.values()]
+                )
+                tally.layers({n: t.numel() for n, t in res.delta.items()}, [norms])
 
     def vectorised(round_number: int, users: list[int], weights: Weights, agg, tally) -> None:
         """Train the users a chunk at a time as one computation; each chunk's clipped deltas
@@ -177,7 +181,8 @@ def run_in_process(
                 continue
             if cfg.diagnostics:  # pre-clip tensor norms of the kept rows
                 layer = st.layer_norms if st is not None else stacked_norms(cohort.deltas)[1]
-                tally.layers(cohort.deltas, layer[keep])
+                sizes = {n: t[0].numel() for n, t in cohort.deltas.items()}
+                tally.layers(sizes, layer[keep].tolist())
             deltas = cohort.deltas
             if len(keep) < len(chunk):
                 at = torch.tensor(keep, device=next(iter(deltas.values())).device)
@@ -265,21 +270,13 @@ class _Tally:
                 self.norms.append(clip_stats.norm)
                 self.clipped += int(clip_stats.clipped)
 
-    def layers(self, delta: Weights, norms=None) -> None:
-        """Pre-clip tensor norms of one client (``delta``, or ``norms`` in its order) or of a
-        stack's rows (``delta`` stacked, ``norms`` (K, H)), for the per-layer ratios."""
-        names = list(delta)
+    def layers(self, sizes: dict[str, int], rows: list[list[float]]) -> None:
+        """Clients' pre-clip tensor norms (one row each, in the order of ``sizes``: tensor name
+        -> entries), for the per-layer ratios."""
         if not self.layer_names:
-            stacked = norms is not None and torch.as_tensor(norms).dim() == 2
-            self.layer_names = names
-            self.layer_sizes = [
-                t[0].numel() if stacked else t.numel() for t in delta.values()
-            ]
-        if norms is None:
-            norms = [float(torch.linalg.vector_norm(t.double())) for t in delta.values()]
-        rows = torch.as_tensor(norms, dtype=torch.float64).reshape(-1, len(names)).tolist()
+            self.layer_names, self.layer_sizes = list(sizes), list(sizes.values())
         for row in rows:
-            by_name = dict(zip(names, row, strict=True))
+            by_name = dict(zip(sizes, row, strict=True))
             self.layer_norms.append([by_name[n] for n in self.layer_names])
 
     _COUNTS = ("failed", "dropped", "timed_out", "clipped")
