@@ -100,6 +100,10 @@ TASK_HOOKS: dict[str, str] = {
         "``prepare_private(model, data)``: initialise a client's private parameters from its "
         "own data the first time it trains (only with ``is_private``)."
     ),
+    "eval_bounds": (
+        "``eval_bounds``: dict attribute ``{metric: (lo, hi)}``, the public range of each metric "
+        "federated evaluation releases under DP (default: accuracy in [0, 1])."
+    ),
     "evaluate_federated": (
         "``evaluate_federated(model, dataset, weights, private_of, load) -> metrics``: "
         "evaluation that needs each client's private parameters (simulation only; the run "

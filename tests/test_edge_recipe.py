@@ -26,6 +26,7 @@ import pytest
 from tests.support.flower_local import (
     BIN,
     ROOT,
+    descendants,
     free_port,
     make_test_certs,
     run_status,
@@ -47,26 +48,6 @@ def recipe_blocks() -> list[tuple[str, str | None]]:
     assert text.count(BEGIN) == 1 and text.count(END) == 1, "edge-recipe markers"
     section = text[text.index(BEGIN) + len(BEGIN) : text.index(END)]
     return [(m["body"], m["ready"]) for m in BLOCK.finditer(section)]
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid``'s children, grandchildren, ... (Linux /proc): helpers a SuperLink or SuperNode
-    spawns may leave its process group."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 class Background:
@@ -208,7 +189,10 @@ def test_the_readme_edge_recipe_runs_as_written(tmp_path, background):
     node_env = {**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}  # as the recipe's exports
     procs = {
         name: subprocess.Popen(
-            cmd, env=node_env, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+            cmd,
+            env=node_env,
+            stdout=open(tmp_path / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         for name, cmd in refused.items()

@@ -14,18 +14,10 @@ import torch
 from dpfl.config import RunConfig
 from dpfl.simulation import simulate
 from tests.support.flower_local import (
-    deployment_home,
-    flwr_run,
     flwr_run_simulation,
-    free_port,
-    kill,
     local_simulation_home,
-    pids_matching,
     run_status,
     stop_local_superlink,
-    superlink_command,
-    supernode_command,
-    wait_for_port,
 )
 
 pytestmark = pytest.mark.slow
@@ -43,6 +35,10 @@ EQUIV = {
     "seed": 4,
     "sampling-seed": 5,  # the same cohorts in both engines (reproducible mode)
     "diagnostics": True,
+    # federated evaluation on the users' own held-out data (4 examples each): Flower's
+    # EVALUATE messages against the simulator's in-process evaluation
+    "eval-cohort-size": 3.0,
+    "eval-max-examples": 4,
 }
 
 
@@ -77,67 +73,12 @@ def test_flwr_run_simulation_matches_the_in_process_simulator(local_sim, tmp_pat
     for f, s in zip(flower_rows[1:], sim_rows[1:], strict=True):  # per-layer ratios, both ways
         assert f["diag_layer_ratio_median"] == pytest.approx(s["diag_layer_ratio_median"], 1e-4)
         assert list(f["diag_layer_ratio_lowest"]) == list(s["diag_layer_ratio_lowest"])
+    fed = [r[k] for r in flower_rows[1:] for k in ("eval_fed_weight", "eval_fed_accuracy")]
+    assert len(fed) == 6 and min(fed[::2]) > 0
+    expected = [r[k] for r in sim_rows[1:] for k in ("eval_fed_weight", "eval_fed_accuracy")]
+    assert fed == pytest.approx(expected, abs=1e-6)
     # the model moved: the runs did train
     assert any(r["update_norm"] > 0 for r in flower_rows[1:])
-
-
-def test_deployment_on_loopback_two_supernodes(tmp_path):
-    port = free_port()
-    env = deployment_home(tmp_path / "flwr", "local-deployment", port, None)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs = []
-    try:
-        procs.append(
-            subprocess.Popen(
-                superlink_command(port),
-                env=env,
-                stdout=open(logs / "superlink.log", "w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-        wait_for_port(port)  # a fresh environment can take a while to start it
-        for i in range(2):
-            procs.append(
-                subprocess.Popen(
-                    supernode_command(port, i, 2),
-                    env=env,
-                    stdout=open(logs / f"supernode{i}.log", "w"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        run_dir = tmp_path / "run"
-        values = {
-            "population": 2,
-            "cohort-size": 2.0,
-            "rounds": 1,  # each round costs a ClientApp process per node (~10 s)
-            "target-epsilon": 0.0,
-            "noise-multiplier": 1.0,
-            "run-dir": str(run_dir),
-        }
-        res = flwr_run("local-deployment", values, env, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-        statuses = [r["status"] for r in run_status(env, "local-deployment")]
-        assert statuses == ["finished:completed"], (
-            statuses,
-            (logs / "superlink.log").read_text()[-3000:],
-        )
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert len(rows) == 2 and all("update_norm" in r for r in rows[1:])
-        assert not any(k.startswith("diag_") for r in rows for k in r)  # off by default
-        torch.manual_seed(RunConfig.from_mapping(values).seed)
-        from dpfl.recipes import build_task
-
-        initial = build_task(RunConfig.from_mapping(values)).build_model().state_dict()
-        final = torch.load(run_dir / "model.pt", weights_only=True)
-        assert any(not torch.equal(initial[n], final[n]) for n in final)
-    finally:
-        started = [p.pid for p in procs]
-        # SuperNodes and the SuperLink spawn SuperExec helpers tied to them by --parent-pid.
-        helpers = [h for pid in started for h in pids_matching("--parent-pid", f" {pid} ")]
-        kill(started + helpers)
 
 
 def test_flwr_run_of_the_digits_example_equals_its_python_run(local_sim, tmp_path):
@@ -162,3 +103,46 @@ def test_flwr_run_of_the_digits_example_equals_its_python_run(local_sim, tmp_pat
     res = flwr_run_simulation(values, users, local_sim, timeout=900, app=EXAMPLE)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same(model, tmp_path / "flower" / "model.pt")
+
+
+def test_dpfl_new_writes_a_project_that_runs_in_process_and_under_flower(local_sim, tmp_path):
+    """`dpfl new DIR`: the project runs as its README says, in dpfl's simulator and with
+    `flwr run` in Flower's simulation (2 rounds each, a smaller federation)."""
+    project = tmp_path / "my-app"
+    res = subprocess.run(
+        [sys.executable, "-m", "dpfl", "new", str(project)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    app = tomllib.loads((project / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "dpfl.flower:server_app",
+        "clientapp": "dpfl.flower:client_app",
+    }
+    assert app["config"]["task"] == "my_app.task:make_task"
+    readme = (project / "README.md").read_text()
+    for command in ("dpfl simulate --config run.toml", "flwr run . local", "flwr run . edge"):
+        assert command in readme
+    again = subprocess.run(
+        [sys.executable, "-m", "dpfl", "new", str(project)], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "not an empty folder" in again.stderr
+
+    small = {"rounds": 2, "cohort-size": 2.0, "task-options.users": 4}
+    local = subprocess.run(
+        [sys.executable, "-m", "dpfl", "simulate", "--config", "run.toml", "--quiet",
+         "--rounds", "2", "--cohort-size", "2", "--task-options.users", "4"],
+        cwd=project, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    summary = json.loads((project / "runs" / "local" / "summary.json").read_text())
+    assert summary["rounds_run"] == 2 and 0 < summary["privacy"]["epsilon"]["rdp"]["epsilon"] <= 8
+
+    run_dir = tmp_path / "flower-run"
+    res = flwr_run_simulation(
+        {**small, "run-dir": str(run_dir)}, 4, local_sim, timeout=600, app=project
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_run"] == 2 and 0 < summary["privacy"]["epsilon"]["rdp"]["epsilon"] <= 8
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and not any(k.startswith("diag_") for r in rows for k in r)  # off

@@ -21,10 +21,11 @@ LAYERS: dict[str, int] = {
     "dpfl.config": 2,
     "dpfl.loop": 2,
     "dpfl.data": 2,
-    # 3: engines, the Flower strategy and its node discovery
+    # 3: engines, the Flower strategy, its node discovery and the nodes' own state
     "dpfl.engines": 3,
     "dpfl.flower.strategy": 3,
     "dpfl.flower.nodes": 3,
+    "dpfl.flower.node_state": 3,
     # 4: the edges, where names become objects: recipes (the resolver), the Flower apps, the
     # CLI, the tools, the public simulate()
     "dpfl.flower": 4,

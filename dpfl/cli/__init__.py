@@ -2,7 +2,8 @@
 
 Subcommands: ``simulate`` (train in process), ``central`` (a speech seed model), ``speech-corpus``
 (synthesise a corpus offline), ``report`` (statement and plots of runs), ``audit`` (empirical
-privacy audit), ``budget`` (epsilon of a plan, noise for a target, extrapolation).
+privacy audit), ``budget`` (epsilon of a plan, noise for a target, extrapolation), ``new`` (a
+Flower app project for your own model and data).
 
 Errors in the input end the command with one line on stderr and exit status 2, never a traceback.
 """
@@ -22,6 +23,7 @@ from dpfl.cli.common import (
     _Parser,
     _setup_logging,
 )
+from dpfl.cli.new import _add_new
 from dpfl.cli.run import (  # noqa: F401 (_checkpoint_line, _config_from_args: for tests)
     _add_central,
     _add_corpus,
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus(sub)
     _add_report(sub)
     _add_audit(sub)
+    _add_new(sub)
     return parser
 
 

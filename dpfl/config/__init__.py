@@ -44,7 +44,7 @@ __all__ = [
     "suggestion",
 ]
 
-RUN_CONTROL_KEYS: tuple[str, ...] = ("overwrite",)
+RUN_CONTROL_KEYS: tuple[str, ...] = ("overwrite", "resume")
 """Keys of a Flower run config that say how to start the run, not what it is (the CLI's
 flags of the same names): they are not RunConfig keys and not recorded with the run."""
 
@@ -243,6 +243,43 @@ class RunConfig:
         metadata=_doc("seed for data and local training (never for cohorts or noise)"),
     )
     eval_every: int = field(default=1, metadata=_doc("evaluate every N rounds"))
+    eval_cohort_size: float = field(
+        default=0.0,
+        metadata=_doc(
+            "federated evaluation: expected users asked, at each evaluation, to evaluate the "
+            "model on their own held-out data (Poisson, from its own secret sampler); 0: off"
+        ),
+    )
+    eval_privacy: str = field(
+        default="auto",
+        metadata=_doc(
+            "federated evaluation's release: dp (a user's weight capped at "
+            "eval-max-examples, its values clipped to the task's bounds, Gaussian noise on "
+            "the sums, charged to the ledger), diagnostic (exact, non-private: diag_fed_*) "
+            "or auto (dp when DP is on)"
+        ),
+    )
+    eval_max_examples: int = field(
+        default=10,
+        metadata=_doc(
+            "federated evaluation: a user's examples count at most this many (public bound B; "
+            "noise grows with B: set it near a typical user's held-out count)"
+        ),
+    )
+    eval_noise_multiplier: float = field(
+        default=0.0,
+        metadata=_doc(
+            "federated evaluation's z_e (noise std over the sums' sensitivity); 0: calibrated "
+            "with target-epsilon, else the training z"
+        ),
+    )
+    eval_budget_share: float = field(
+        default=0.1,
+        metadata=_doc(
+            "with target-epsilon and dp federated evaluation: training alone is calibrated to "
+            "(1 - share) x target, the evaluations' noise so that both spend the target"
+        ),
+    )
     checkpoint_every: int = field(default=0, metadata=_doc("checkpoint every N rounds (0: off)"))
     diagnostics: bool = field(
         default=False,
@@ -333,6 +370,19 @@ class RunConfig:
         return self.clip_norm > 0
 
     @property
+    def eval_mode(self) -> str:
+        """Federated evaluation: off, dp or diagnostic."""
+        if self.eval_cohort_size == 0:
+            return "off"
+        if self.eval_privacy == "auto":
+            return "dp" if self.dp_enabled else "diagnostic"
+        return self.eval_privacy
+
+    @property
+    def eval_sample_rate(self) -> float:
+        return self.eval_cohort_size / self._population("q_e = eval-cohort-size / population")
+
+    @property
     def resolved_delta(self) -> float:
         return self.delta if self.delta > 0 else default_delta(self._population("delta"))
 
@@ -403,9 +453,7 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
         """``base`` (default: the defaults) updated with ``values`` (hyphenated keys)."""
-        current = (
-            {f.name: getattr(base, f.name) for f in fields(base)} if base is not None else {}
-        )
+        current = {f.name: getattr(base, f.name) for f in fields(base)} if base is not None else {}
         known = {key_of(f.name): f for f in fields(cls) if f.name not in ("task_options", "tables")}
         return cls(**merge_values(known, current, values))
 

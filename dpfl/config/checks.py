@@ -27,13 +27,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "on_too_few": ("skip", "retry"),
     "vectorize": ("auto", "on", "off"),
     "precision": ("fp32", "bf16", "fp16"),
+    "eval_privacy": ("auto", "dp", "diagnostic"),
 }
-
 
 
 def validate(cfg: Any) -> None:
     """ValueError naming the first key whose value is out of range (RunConfig calls this on
     construction)."""
+
     def bad(name: str, accepted: str) -> ValueError:
         return ValueError(
             f"config key {key_of(name)} = {getattr(cfg, name)!r}: expected {accepted}"
@@ -95,6 +96,22 @@ def validate(cfg: Any) -> None:
         accepted = not_one_of(getattr(cfg, name), choices)
         if accepted:
             raise bad(name, accepted)
+    if cfg.eval_cohort_size < 0 or (cfg.population and cfg.eval_cohort_size > cfg.population):
+        raise ValueError(
+            f"config key eval-cohort-size = {cfg.eval_cohort_size!r}: expected 0 (off) or a "
+            f"number in (0, population = {cfg.population or 'the number of users'}]"
+        )
+    if cfg.eval_max_examples < 1:
+        raise bad("eval_max_examples", "an integer >= 1")
+    if cfg.eval_noise_multiplier < 0:
+        raise bad("eval_noise_multiplier", "a number >= 0")
+    if not 0 <= cfg.eval_budget_share < 1:
+        raise bad("eval_budget_share", "a number in [0, 1)")
+    if cfg.eval_privacy == "dp" and cfg.eval_cohort_size > 0 and cfg.clip_norm == 0:
+        raise ValueError(
+            "config key eval-privacy = 'dp' needs DP on (clip-norm > 0); without DP, "
+            "federated evaluation is a diagnostic (eval-privacy = 'diagnostic' or 'auto')"
+        )
     if cfg.clip_mode == "rescale" and cfg.clip_scheme == "flat":
         raise ValueError(
             "config key clip-mode = 'rescale' with clip-scheme = 'flat' is clip-mode = 'clip' "
@@ -160,4 +177,3 @@ def validate(cfg: Any) -> None:
             "config key target-epsilon needs sampling = poisson: the accountants do not "
             "cover fixed-size cohorts"
         )
-

@@ -61,15 +61,24 @@ class SyntheticClassification:
         b = rng.normal(scale=0.1, size=self.classes)
         self._teacher = (w, b)
 
-    def _generate(self, stream: int) -> TensorData:
+    def _generate(self, stream: int, held_out: bool = False) -> TensorData:
         rng = np.random.default_rng([self.seed, 1, stream])
         mu = rng.normal(scale=self.user_shift, size=self.features)
-        x = mu + rng.normal(size=(self.examples_per_user, self.features))
+        n = self.examples_per_user
+        if held_out:  # the same user's distribution, examples of their own stream
+            rng = np.random.default_rng([self.seed, 2, stream])
+            n = max(1, n // 5)
+        x = mu + rng.normal(size=(n, self.features))
         w, b = self._teacher
         y = np.argmax(x @ w + b, axis=1)
-        flip = rng.random(self.examples_per_user) < self.label_noise
+        flip = rng.random(n) < self.label_noise
         y[flip] = rng.integers(0, self.classes, size=int(flip.sum()))
         return TensorData({"x": torch.as_tensor(x, dtype=torch.float32), "y": torch.as_tensor(y)})
+
+    def user_test_data(self, user: int) -> TensorData:
+        """The user's own held-out examples (a fifth as many as it trains on, from the same
+        distribution): what it evaluates on in federated evaluation."""
+        return self._generate(_check_user(user, self.num_users), held_out=True)
 
     def user_data(self, user: int) -> TensorData:
         return self._generate(_check_user(user, self.num_users))

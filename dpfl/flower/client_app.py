@@ -35,12 +35,15 @@ from dpfl.client.train import (
     private_weights,
 )
 from dpfl.config import ALIASES, RunConfig
+from dpfl.flower.node_state import STATE_DIR_KEY, NodeStore, RunMark, default_state_dir
 from dpfl.flower.nodes import USER_KEY
 from dpfl.loop.run import client_seed, local_config, pick_device
 
 PRIVATE_KEY = "dpfl-private-parameters"
 FLOWER_NODE_KEYS = frozenset({USER_KEY, "num-partitions"})
 """Node-config keys Flower itself uses (the simulation engine sets both)."""
+NODE_ONLY_KEYS = frozenset({STATE_DIR_KEY})
+"""Node-config keys of the node alone (where it keeps its state between rounds and runs)."""
 NODE_KEYS = (
     "device",
     "precision",
@@ -68,9 +71,7 @@ _workspace: dict[tuple, tuple] = {}
 
 
 def _user(context: Context) -> int:
-    if USER_KEY not in context.node_config:
-        raise ValueError(f"this node has no {USER_KEY!r} in its node config")
-    return int(context.node_config[USER_KEY])
+    return _user_of(context.node_config)
 
 
 def _workspace_for(cfg: RunConfig, user: int, task=None, data=None):
@@ -104,7 +105,7 @@ def node_run_config(cfg: RunConfig, node_config: dict) -> RunConfig:
             flat[key] = value
     for key, value in flat.items():
         key = ALIASES.get(key, key)  # data-dir: asr.data-dir
-        if key in FLOWER_NODE_KEYS:
+        if key in FLOWER_NODE_KEYS or key in NODE_ONLY_KEYS:
             continue
         if key in NODE_KEYS:
             overrides[key] = value
@@ -120,8 +121,8 @@ def node_run_config(cfg: RunConfig, node_config: dict) -> RunConfig:
             )
         else:
             raise ValueError(
-                f"unknown node config key {key!r}; a node may set {USER_KEY}, num-partitions "
-                f"and {', '.join(NODE_KEYS)}"
+                f"unknown node config key {key!r}; a node may set {USER_KEY}, num-partitions, "
+                f"{STATE_DIR_KEY} and {', '.join(NODE_KEYS)}"
             )
     if not overrides:
         return cfg
@@ -167,11 +168,10 @@ def handle_train(
     leaves the node.
     """
     values = dict(values)
+    RunMark.pop(values)  # the node's own state is the caller's (make_client_app's train)
     round_number = int(values.pop("server-round"))
     cfg = node_run_config(RunConfig.from_mapping(values), node_config)
-    if USER_KEY not in node_config:
-        raise ValueError(f"this node has no {USER_KEY!r} in its node config")
-    user = int(node_config[USER_KEY])
+    user = _user_of(node_config)
     task, model, dataset, device = _workspace_for(cfg, user, task, data)
     is_private, buffers = federated_split(task, model, cfg.norm_stats)
     if is_private is not None:
@@ -218,6 +218,44 @@ def handle_train(
     )
 
 
+def handle_evaluate(
+    values: dict,
+    weights: dict[str, torch.Tensor],
+    node_config: dict,
+    private: dict[str, torch.Tensor] | None = None,
+    task=None,
+    data=None,
+) -> tuple[int, dict[str, float]]:
+    """Federated evaluation on the node: the global ``weights`` (with the node's kept
+    parameters and statistics, ``private``) on its user's held-out data; returns (examples,
+    the task's metrics). Nothing is trained or kept."""
+    values = dict(values)
+    RunMark.pop(values)
+    values.pop("server-round", None)
+    cfg = node_run_config(RunConfig.from_mapping(values), node_config)
+    user = _user_of(node_config)
+    task, model, dataset, device = _workspace_for(cfg, user, task, data)
+    held_out = hook(dataset, "user_test_data")
+    if held_out is None:
+        raise ValueError("federated evaluation: this node's dataset has no user_test_data")
+    is_private, buffers = federated_split(task, model, cfg.norm_stats)
+    if is_private is not None:
+        fresh = private_weights(task.build_model(), is_private, buffers)
+        load_weights(model, private or fresh)
+    load_weights(model, {n: w.to(device) for n, w in weights.items()})
+    data_u = held_out(user)
+    if len(data_u) == 0:
+        return 0, {}
+    metrics = task.evaluate(model, data_u)
+    return len(data_u), {k: float(v) for k, v in metrics.items()}
+
+
+def _user_of(node_config: dict) -> int:
+    if USER_KEY not in node_config:
+        raise ValueError(f"this node has no {USER_KEY!r} in its node config")
+    return int(node_config[USER_KEY])
+
+
 def make_client_app(task=None, data=None) -> ClientApp:
     """A ClientApp running dpfl's client step for the node's user (``partition-id``).
     ``task`` and ``data`` (objects following :mod:`dpfl.api`) replace the run config's names;
@@ -231,22 +269,58 @@ def make_client_app(task=None, data=None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        stored = context.state.get(PRIVATE_KEY)
+        values = dict(msg.content["config"])
+        round_number = int(values["server-round"])
+        # What the task keeps on the node (never sent): on the node's disk, per round, so that
+        # a resumed run (a new `flwr run`) finds it; in context.state for a server that sends
+        # no run mark.
+        mark = RunMark.pop(values)
+        store = None
+        if mark is not None:
+            root = context.node_config.get(STATE_DIR_KEY) or default_state_dir()
+            store = NodeStore(root, mark, _user(context))
+            stored = store.load(round_number)
+        else:
+            record = context.state.get(PRIVATE_KEY)
+            stored = record.to_torch_state_dict() if record is not None else None
         delta, metrics, private = handle_train(
-            dict(msg.content["config"]),
+            values,
             msg.content["arrays"].to_torch_state_dict(),
             dict(context.node_config),
-            stored.to_torch_state_dict() if stored is not None else None,
+            stored,
             task=task,
             data=data,
         )
-        if private:
-            # kept in the node's state between rounds of this run; never sent
+        if private and store is not None:
+            store.save(round_number, private)
+        elif private:
             context.state[PRIVATE_KEY] = ArrayRecord(private)
         return Message(
             content=RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord(metrics)}),
             reply_to=msg,
         )
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        values = dict(msg.content["config"])
+        round_number = int(values["server-round"])
+        mark = RunMark.pop(values)
+        if mark is not None:
+            root = context.node_config.get(STATE_DIR_KEY) or default_state_dir()
+            stored = NodeStore(root, mark, _user(context)).load(round_number + 1)
+        else:
+            record = context.state.get(PRIVATE_KEY)
+            stored = record.to_torch_state_dict() if record is not None else None
+        examples, metrics = handle_evaluate(
+            values,
+            msg.content["arrays"].to_torch_state_dict(),
+            dict(context.node_config),
+            stored,
+            task=task,
+            data=data,
+        )
+        record = MetricRecord({"num-examples": examples, **metrics})
+        return Message(content=RecordDict({"metrics": record}), reply_to=msg)
 
     return app
 

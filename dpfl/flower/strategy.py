@@ -19,12 +19,18 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from dpfl.client.train import Weights
 from dpfl.config import RunConfig
-from dpfl.flower.nodes import discover_users, load_node_registry  # noqa: F401 (re-exported)
+from dpfl.flower.node_state import CHECKPOINT_ROUND, LINEAGE, RUN_ID, encode_lineage
+from dpfl.flower.nodes import (  # noqa: F401 (discover_users, load_node_registry: re-exported)
+    NodeDirectory,
+    discover_users,
+    load_node_registry,
+)
 from dpfl.loop.layer_shares import LayerShares
 from dpfl.server.aggregate import RoundAggregator
 
@@ -48,6 +54,10 @@ def summarize_system(system: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
+QUERY_TIMEOUT = 60.0
+"""Seconds to wait, at the start of a round, for nodes that joined to say which user they hold
+(one that does not answer in time is asked again next round)."""
+
 SERVER_ONLY_KEYS = frozenset({"noise-seed", "sampling-seed", "node-registry"})
 """Run-config keys that never leave the ServerApp: with them, anyone could recompute the noise
 or the cohorts (reproducible mode), or learn the binding of nodes to users."""
@@ -64,19 +74,44 @@ class DPFedAvg(Strategy):
         task: Any = None,
         dataset: Any = None,
         overwrite: bool = False,
+        resume: bool = False,
+        directory: NodeDirectory | None = None,
     ) -> None:
         """``task`` and ``dataset`` follow :mod:`dpfl.api` (``start`` needs both): the server
         uses the task's model and evaluation and the dataset's number of users and test set,
-        never users' data."""
+        never users' data. ``directory``: refreshed before every round (nodes that join are
+        asked which user they hold, nodes gone are dropped); without it, ``user_nodes`` is
+        fixed. Either way the cohort is drawn from the whole population: a sampled user
+        without a reachable node is a dropout, and the sum is still scaled as planned."""
         self.cfg = cfg
         self.task, self.dataset = task, dataset
         self.overwrite = overwrite  # replace a run that run-dir already holds
+        self.resume = resume  # continue the run that run-dir holds, from its checkpoint
         self.name_users = False  # the run's (public cohorts only) once start() has made it
-        self.user_nodes = user_nodes
-        self.node_users = {node: user for user, node in user_nodes.items()}
+        self.directory = directory
+        self.set_nodes(user_nodes)
         self._cohort: np.ndarray = np.array([], dtype=np.int64)
         self._agg: RoundAggregator | None = None
         self._extra: dict[str, Any] = {}
+        self._run: Any = None  # the FederatedRun that start() drives
+        self._gone = 0  # this round's sampled users whose node left after the refresh
+        self._eval_users: np.ndarray = np.array([], dtype=np.int64)
+        self._eval_results: list[tuple[int, dict[str, float]]] = []
+
+    def set_nodes(self, user_nodes: dict[int, int]) -> None:
+        self.user_nodes = dict(user_nodes)
+        self.node_users = {node: user for user, node in self.user_nodes.items()}
+
+    def refresh_nodes(self, grid: Grid, round_number: int) -> None:
+        """Nodes that joined or left since the last round (logged by node id only)."""
+        if self.directory is None:
+            return
+        joined, left = self.directory.refresh(grid, min(self.cfg.round_timeout, QUERY_TIMEOUT))
+        self.set_nodes(self.directory.user_nodes)
+        for node in joined:
+            log.info("round %d: node %d joined", round_number, node)
+        for node in left:
+            log.info("round %d: node %d is gone (its user is unreachable)", round_number, node)
 
     # --- the Strategy contract ---------------------------------------------------------------
 
@@ -113,7 +148,11 @@ class DPFedAvg(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             user = self.node_users.get(node)
-            if user is None:
+            if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                # the SuperLink's answer for a node that left after this round's refresh
+                self._gone += 1
+                self._extra["diag_unreachable"] = self._extra.get("diag_unreachable", 0) + 1
+            elif user is None:
                 agg.reject("reply from an unknown node")
             elif node in seen:
                 agg.reject("a second reply from the same node in one round")
@@ -184,11 +223,43 @@ class DPFedAvg(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return []  # evaluation is central, on the server's test set
+        """Federated evaluation: the users the evaluation sampler drew, at their nodes (a user
+        without a reachable node is not asked)."""
+        messages = []
+        for user in self._eval_users:
+            node = self.user_nodes.get(int(user))
+            if node is None:
+                continue
+            content = RecordDict(
+                {"arrays": arrays, "config": ConfigRecord({**config, "server-round": server_round})}
+            )
+            messages.append(
+                Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE)
+            )
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """The asked users' (examples, metrics); the release (noised or exact) is the run's."""
+        asked = {self.user_nodes.get(int(u)) for u in self._eval_users}
+        seen: set[int] = set()
+        self._eval_results = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in asked or node in seen or reply.has_error():
+                continue  # unknown, a second reply, or a failure: contributes nothing
+            seen.add(node)
+            metrics = reply.content.get("metrics")
+            if metrics is None:
+                continue
+            n = int(metrics.get("num-examples", 0))
+            values = {
+                k: float(v)
+                for k, v in metrics.items()
+                if k != "num-examples" and isinstance(v, (int, float))
+            }
+            self._eval_results.append((n, values))
         return None
 
     def summary(self) -> None:
@@ -202,25 +273,56 @@ class DPFedAvg(Strategy):
 
     # --- the loop ----------------------------------------------------------------------------
 
+    def run_mark(self, round_number: int) -> dict[str, Any]:
+        """What a node needs to keep its own state across a resume (see
+        :mod:`dpfl.flower.node_state`): the run's id, its lineage, and the last checkpoint (all
+        public: no user, cohort or noise in them). Without checkpoints a node keeps only its
+        newest state."""
+        run = self._run
+        if run is None:
+            return {}
+        checkpoint = run.checkpointed if self.cfg.checkpoint_every else round_number - 1
+        return {
+            RUN_ID: run.run_id,
+            LINEAGE: encode_lineage(run.lineage),
+            CHECKPOINT_ROUND: int(checkpoint),
+        }
+
     def collector(self, grid: Grid) -> Callable[[int, np.ndarray, Weights, RoundAggregator], dict]:
         """The ``collect`` step of :class:`dpfl.loop.run.FederatedRun`, through Flower messages."""
-        train_config = ConfigRecord(
-            {k: v for k, v in self.cfg.to_dict().items() if k not in SERVER_ONLY_KEYS}
-        )
+        values = {k: v for k, v in self.cfg.to_dict().items() if k not in SERVER_ONLY_KEYS}
 
         def collect(round_number, cohort, weights, agg) -> dict[str, Any]:
-            self._cohort, self._agg, self._extra = cohort, agg, {}
+            self.refresh_nodes(grid, round_number)
+            self._cohort, self._agg, self._extra, self._gone = cohort, agg, {}, 0
+            train_config = ConfigRecord({**values, **self.run_mark(round_number)})
             messages = list(
                 self.configure_train(round_number, ArrayRecord(weights), train_config, grid)
             )
             replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
             self.aggregate_train(round_number, replies)
             self._extra["diag_missing"] = len(messages) - (
-                agg.accepted + agg.num_rejected + self._extra.get("diag_failed", 0)
+                agg.accepted + agg.num_rejected + self._extra.get("diag_failed", 0) + self._gone
             )
             return dict(self._extra)
 
         return collect
+
+    def eval_collector(self, grid: Grid) -> Callable:
+        """The federated evaluation's replies, through Flower messages (EVALUATE)."""
+        values = {k: v for k, v in self.cfg.to_dict().items() if k not in SERVER_ONLY_KEYS}
+
+        def collect_eval(round_number, users, weights) -> list[tuple[int, dict[str, float]]]:
+            self._eval_users = users
+            config = ConfigRecord({**values, **self.run_mark(round_number + 1)})
+            messages = list(
+                self.configure_evaluate(round_number, ArrayRecord(weights), config, grid)
+            )
+            replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+            self.aggregate_evaluate(round_number, replies)
+            return list(self._eval_results)
+
+        return collect_eval
 
     def start(
         self,
@@ -237,7 +339,7 @@ class DPFedAvg(Strategy):
         the config's rounds and round-timeout; ``evaluate_fn(round, arrays) -> MetricRecord``
         adds its metrics (``eval_*``) wherever the run evaluates. ``train_config`` and
         ``evaluate_config`` are refused: the clients' config is the run config, whose privacy
-        keys must not vary, and evaluation is central."""
+        keys must not vary (federated evaluation is set by its eval-* keys)."""
         from dataclasses import replace
 
         from dpfl.loop.run import FederatedRun
@@ -270,6 +372,7 @@ class DPFedAvg(Strategy):
             self.dataset,
             progress=False,
             overwrite=self.overwrite,
+            resume=self.resume,
             initial_weights=(
                 initial_arrays.to_torch_state_dict() if initial_arrays is not None else None
             ),
@@ -277,7 +380,8 @@ class DPFedAvg(Strategy):
         )
         self.cfg = run.cfg
         self.name_users = run.name_users
-        summary = run.run(self.collector(grid))
+        self._run = run
+        summary = run.run(self.collector(grid), collect_eval=self.eval_collector(grid))
         result = Result()
         result.arrays = ArrayRecord(run.state.weights())
         result.evaluate_metrics_serverapp = {

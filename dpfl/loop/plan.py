@@ -64,8 +64,14 @@ def resolve_noise(cfg: RunConfig) -> NoisePlan:
         return NoisePlan(0.0, False)
     counted = cfg.min_replies > 0
     if cfg.target_epsilon > 0 and cfg.noise_multiplier == 0:
+        # with DP federated evaluation, training alone spends (1 - share) of the target
+        share = cfg.eval_budget_share if cfg.eval_mode == "dp" else 0.0
         z_eff = calibrate_noise_multiplier(
-            cfg.target_epsilon, cfg.resolved_delta, cfg.sample_rate, cfg.rounds, cfg.accountant
+            cfg.target_epsilon * (1 - share),
+            cfg.resolved_delta,
+            cfg.sample_rate,
+            cfg.rounds,
+            cfg.accountant,
         )
         if not counted:
             return NoisePlan(z_eff, True)

@@ -71,6 +71,8 @@ def resume_run(run) -> None:
     it, and give every rank rank 0's ledger."""
     ckpt = run.prior
     run.state.load_state_dict(ckpt["server"])
+    if "eval_ledger" in ckpt:
+        run.eval_ledger = PrivacyLedger.from_dict(ckpt["eval_ledger"])
     clients = Path(run.cfg.run_dir) / CLIENT_STATE
     if run.private and clients.exists():
         run.private_store = load_checkpoint(clients)
@@ -102,16 +104,19 @@ def charge_replays(run) -> None:
     charged = spec.charged_noise_multiplier, spec.sample_rate
     journal = run.writer.read_charges(default=charged)
     extra = journal[kept:] if journal is not None else []
-    if len(extra) < metric_lines:  # an older folder, or a journal that lost lines
-        extra += [charged] * (metric_lines - len(extra))
+    trained = sum(kind == "train" for *_, kind in extra)
+    if trained < metric_lines:  # an older folder, or a journal that lost lines
+        extra += [(*charged, "train")] * (metric_lines - trained)
     if not extra:
         return
     if not state.noise.secure and not run.sampler.secure:
         run.writer.keep_charges(kept)
         log.info("reproducible run: the %d replayed attempts repeat exactly", len(extra))
         return
-    for z, q in extra:
+    for z, q, kind in extra:
         state.ledger.record(z, q)
+        if kind == "eval":
+            run.eval_ledger.record(z, q)
     log.warning("charging %d replayed attempts to the privacy budget", len(extra))
     if not state.noise.secure:
         state.noise.skip_to_fresh_streams()

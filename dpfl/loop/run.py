@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,13 @@ from dpfl.client.train import (
     private_weights,
 )
 from dpfl.config import RunConfig
+from dpfl.loop.fed_eval import (
+    EvalPlan,
+    evaluate_users,
+    evaluation_statement,
+    federated_evaluation,
+    resolve_eval,
+)
 from dpfl.loop.measure import budget_ahead, central_evaluation, epsilon_metrics
 from dpfl.loop.plan import NoisePlan, privacy_statement, resolve_noise, server_spec
 from dpfl.loop.progress import Progress
@@ -38,6 +46,7 @@ from dpfl.loop.setup import (  # noqa: F401 (client_seed, local_config: the engi
     with_population,
 )
 from dpfl.loop.writer import CLIENT_STATE, RunWriter
+from dpfl.privacy.accounting import PrivacyLedger
 from dpfl.profiling import round_done, section
 from dpfl.server.round import (
     EventLog,
@@ -98,76 +107,112 @@ class FederatedRun:
         self.primary = primary
         self.share = share or _alone
         self.writer = RunWriter(cfg.run_dir, resume=resume, enabled=primary, overwrite=overwrite)
-        # On resume: the checkpoint, checked against this config before anything is built.
-        self.prior = self._read_checkpoint() if resume else None
-        torch.manual_seed(cfg.seed)  # the initial model
-        self.device = pick_device(cfg)
-        self.task = task
-        self.dataset = dataset
-        self.model = self.task.build_model().to(self.device)
-        if cfg.init_model:
-            load_model_file(self.model, cfg.init_model)
-        if initial_weights is not None:
-            load_weights(self.model, initial_weights)
-        self.extra_eval = extra_eval
-        self.test_data = self.dataset.test_data()
-        # A resumed run keeps the noise it started with: an extension of its rounds is never
-        # recalibrated (that would spend the old rounds' budget again at a lower noise).
-        self.noise = (
-            NoisePlan(**self.prior["noise"])
-            if self.prior is not None and "noise" in self.prior
-            else resolve_noise(cfg)
-        )
-        self.rounds_planned: list[int] = (
-            list(self.prior.get("rounds_planned", [self.prior["config"]["rounds"]]))
-            if self.prior is not None
-            else [cfg.rounds]
-        )
-        if self.rounds_planned[-1] != cfg.rounds:
-            self.rounds_planned.append(cfg.rounds)
-        self.initial: dict[str, float] | None = (
-            self.prior.get("initial") if self.prior is not None else None
-        )
-        # A test set drawn from the federated users' own data (held-out utterances).
-        self.eval_on_user_data = bool(hook(self.dataset, "test_from_users", False))
-        self.spec = server_spec(cfg, self.noise)
-        # Cohorts come from their own secret key (never from `seed`), or from sampling-seed.
-        self.sampler = (
-            CohortSampler.secret()
-            if cfg.sampling_seed < 0
-            else CohortSampler.from_seed(cfg.sampling_seed)
-        )
-        # Parameters a task keeps on the client (scene-specific, FedBN-style) are never sent:
-        # the server holds the others; each client's private ones live in a store that costs
-        # nothing for clients never sampled.
-        # Running statistics of norm layers stay there too with norm-stats = "client"; with
-        # "server" they are sent with the update and the server averages them (no optimizer).
-        self.private, self.buffers = federated_split(self.task, self.model, cfg.norm_stats)
-        self.initial_private = (
-            private_weights(self.model, self.private, self.buffers) if self.private else {}
-        )
-        self.private_store: dict[int, Weights] = {}
-        self.eval_uses_private = False
-        sent = global_weights(self.model, self.private, self.buffers)
-        self.state = ServerState(
-            sent, self.spec, cfg.rounds, averaged=frozenset(self.buffers) & set(sent)
-        )
-        self.state.events = EventLog(each=cfg.diagnostics)
-        if resume:
-            self._resume()
-        self.progress = progress and primary
-        self.writer.write_config(
-            cfg,
-            {
-                "noise_multiplier": self.noise.noise_multiplier,
-                "count_noise_multiplier": self.noise.count_noise_multiplier,
-                "charged_noise_multiplier": self.noise.effective,
-                "noise_calibrated": self.noise.calibrated,
-                "rounds_planned": self.rounds_planned,
-                "delta": self.spec.delta,
-                "device": str(self.device),
-            },
-        )
+        try:  # a run that fails to start releases its folder
+            # On resume: the checkpoint, checked against this config before anything is built.
+            self.prior = self._read_checkpoint() if resume else None
+            torch.manual_seed(cfg.seed)  # the initial model
+            self.device = pick_device(cfg)
+            self.task = task
+            self.dataset = dataset
+            self.model = self.task.build_model().to(self.device)
+            if cfg.init_model:
+                load_model_file(self.model, cfg.init_model)
+            if initial_weights is not None:
+                load_weights(self.model, initial_weights)
+            self.extra_eval = extra_eval
+            self.test_data = self.dataset.test_data()
+            # A resumed run keeps the noise it started with: an extension of its rounds is never
+            # recalibrated (that would spend the old rounds' budget again at a lower noise).
+            self.noise = (
+                NoisePlan(**self.prior["noise"])
+                if self.prior is not None and "noise" in self.prior
+                else resolve_noise(cfg)
+            )
+            self.rounds_planned: list[int] = (
+                list(self.prior.get("rounds_planned", [self.prior["config"]["rounds"]]))
+                if self.prior is not None
+                else [cfg.rounds]
+            )
+            if self.rounds_planned[-1] != cfg.rounds:
+                self.rounds_planned.append(cfg.rounds)
+            self.initial: dict[str, float] | None = (
+                self.prior.get("initial") if self.prior is not None else None
+            )
+            # A test set drawn from the federated users' own data (held-out utterances).
+            self.eval_on_user_data = bool(hook(self.dataset, "test_from_users", False))
+            self.spec = server_spec(cfg, self.noise)
+            # Cohorts come from their own secret key (never from `seed`), or from sampling-seed.
+            self.sampler = (
+                CohortSampler.secret()
+                if cfg.sampling_seed < 0
+                else CohortSampler.from_seed(cfg.sampling_seed)
+            )
+            # Federated evaluation: its own plan (kept on resume, like the noise), its own
+            # secret sampler, its charges in the ledger and, apart, in eval_ledger.
+            self.eval_plan = (
+                EvalPlan(**self.prior["eval_plan"])
+                if self.prior is not None and "eval_plan" in self.prior
+                else resolve_eval(cfg, task, self.noise.effective, self.noise.calibrated)
+            )
+            if self.eval_plan.mode != "off" and ranks > 1:
+                raise ValueError(
+                    "federated evaluation (eval-cohort-size > 0) does not run under torchrun "
+                    "yet: run it in one process or under Flower"
+                )
+            self.eval_sampler = (
+                CohortSampler.secret()
+                if cfg.sampling_seed < 0
+                else CohortSampler.from_seed(cfg.sampling_seed, "eval-sampling")
+            )
+            self.eval_ledger = PrivacyLedger()
+            # Parameters a task keeps on the client (scene-specific, FedBN-style) are never sent:
+            # the server holds the others; each client's private ones live in a store that costs
+            # nothing for clients never sampled.
+            # Running statistics of norm layers stay there too with norm-stats = "client"; with
+            # "server" they are sent with the update and the server averages them (no optimizer).
+            self.private, self.buffers = federated_split(self.task, self.model, cfg.norm_stats)
+            self.initial_private = (
+                private_weights(self.model, self.private, self.buffers) if self.private else {}
+            )
+            self.private_store: dict[int, Weights] = {}
+            self.eval_uses_private = False
+            sent = global_weights(self.model, self.private, self.buffers)
+            self.state = ServerState(
+                sent, self.spec, cfg.rounds, averaged=frozenset(self.buffers) & set(sent)
+            )
+            self.state.events = EventLog(each=cfg.diagnostics)
+            # Which start of the run (incarnation) produced which rounds: rounds first..next-1 of a
+            # segment (incarnation, first); a resume truncates it at the checkpoint. Nodes keep
+            # their own state per round and use only what this lineage says survived (Flower).
+            self.run_id: str = (
+                self.prior.get("run_id") if self.prior is not None else None
+            ) or secrets.token_hex(8)
+            self.lineage: list[tuple[str, int]] = []
+            if resume:
+                self._resume()
+                self.lineage = [
+                    (inc, first)
+                    for inc, first in self.prior.get("lineage", [])
+                    if first <= self.state.round
+                ]
+            self.lineage.append((secrets.token_hex(4), self.state.round + 1))
+            self.checkpointed = self.state.round if resume else -1
+            self.progress = progress and primary
+            self.writer.write_config(
+                cfg,
+                {
+                    "noise_multiplier": self.noise.noise_multiplier,
+                    "count_noise_multiplier": self.noise.count_noise_multiplier,
+                    "charged_noise_multiplier": self.noise.effective,
+                    "noise_calibrated": self.noise.calibrated,
+                    "rounds_planned": self.rounds_planned,
+                    "delta": self.spec.delta,
+                    "device": str(self.device),
+                },
+            )
+        except BaseException:
+            self.writer.close()
+            raise
 
     @property
     def name_users(self) -> bool:
@@ -290,6 +335,10 @@ class FederatedRun:
                 "noise": dataclasses.asdict(self.noise),
                 "initial": self.initial,
                 "rounds_planned": self.rounds_planned,
+                "run_id": self.run_id,
+                "lineage": self.lineage,
+                "eval_plan": dataclasses.asdict(self.eval_plan),
+                "eval_ledger": self.eval_ledger.to_dict(),
             },
         )
         self.checkpointed = state.round
@@ -298,8 +347,33 @@ class FederatedRun:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(path, self.private_store)
 
-    def run(self, collect: Collect, *, stop_after_round: int | None = None) -> dict[str, Any]:
-        """Run the remaining rounds; ``stop_after_round`` ends early, as if the process stopped."""
+    def run(
+        self,
+        collect: Collect,
+        *,
+        stop_after_round: int | None = None,
+        collect_eval: Callable | None = None,
+    ) -> dict[str, Any]:
+        """Run the remaining rounds; ``stop_after_round`` ends early, as if the process stopped.
+        ``collect_eval(round, users, weights) -> [(examples, metrics), ...]``: the federated
+        evaluation's replies (default: in process, from the dataset's ``user_test_data``).
+        The run folder is released at the end, whatever happens."""
+        try:
+            if self.eval_plan.mode != "off" and collect_eval is None:
+                if hook(self.dataset, "user_test_data") is None:
+                    raise ValueError(
+                        "federated evaluation (eval-cohort-size > 0) needs users' held-out "
+                        "data: the dataset has no user_test_data"
+                    )
+                collect_eval = self._evaluate_users
+            return self._rounds(collect, stop_after_round, collect_eval)
+        finally:
+            self.writer.close()
+
+    def _evaluate_users(self, round_number: int, users, weights: Weights):
+        return evaluate_users(self, users, weights)
+
+    def _rounds(self, collect: Collect, stop_after_round, collect_eval) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
         if state.round == 0:
             self.initial = self.evaluate()
@@ -308,7 +382,6 @@ class FederatedRun:
             self.initial = self.writer.initial_eval()  # a checkpoint from an older dpfl
         initial = self.initial  # a resumed run keeps the first run's
         last_eval: dict[str, float] = initial or {}
-        self.checkpointed = state.round if self.prior is not None else -1
         stopped_for_budget = crashed = False
         round_times: list[float] = []
         bar = Progress(self.progress, cfg.rounds, state.round)
@@ -327,6 +400,9 @@ class FederatedRun:
                     with section("evaluation"):
                         last_eval = self.evaluate()
                     metrics.update(self._eval_metrics(last_eval))
+                    if self.eval_plan.mode != "off":
+                        with section("evaluation"):
+                            metrics.update(federated_evaluation(self, round_number, collect_eval))
                 with section("metrics"):
                     round_times.append(time.perf_counter() - t0)
                     metrics["seconds"] = round_times[-1]
@@ -354,6 +430,7 @@ class FederatedRun:
             self.sampler.label,
             rounds_planned=self.rounds_planned,
         )
+        evaluation_statement(self, statement)
         summary = {
             "rounds_run": state.round,
             "stopped_for_budget": stopped_for_budget,

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class RunWriter:
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.metrics_path = self.dir / "metrics.jsonl"
+        self._lock: str | None = None
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"config key run-dir = {str(run_dir)!r} is a file, not a folder")
         if resume:
@@ -67,9 +69,13 @@ class RunWriter:
                     f"cannot resume: {self.dir} holds no checkpoint.pt (a run checkpoints with "
                     "checkpoint-every > 0)"
                 )
+            if enabled:
+                self._take_lock()
             return
         if not enabled:
             return  # rank 0 checks (and may clear) the folder
+        if self.dir.is_dir():
+            self._take_lock()  # before looking: another process may be writing this run
         found = [name for name in self.RUN_FILES if (self.dir / name).exists()]
         if found and not overwrite:
             raise ValueError(
@@ -77,8 +83,56 @@ class RunWriter:
                 "with --resume, replace it with --overwrite, or choose another run-dir"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._take_lock()
         for name in found:
             (self.dir / name).unlink()
+
+    _held: dict[str, list] = {}  # folders this process holds: [file, holders]
+
+    def _take_lock(self) -> None:
+        """Hold the folder's lock while this run writes it: a second process (a ServerApp that
+        outlived a SuperLink crash, a resume started twice) is refused instead of interleaving
+        two runs in one ledger. The operating system drops the lock when the process dies; within
+        one process the lock is shared (the caller owns its own sequencing)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        key = str(self.dir.resolve())
+        if key in RunWriter._held:
+            RunWriter._held[key][1] += 1
+            self._lock = key
+            return
+        fh = (self.dir / ".lock").open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise ValueError(
+                f"the run folder {self.dir} is in use by {owner}: one process writes a run at a "
+                "time (stop the other, or choose another run-dir)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        RunWriter._held[key] = [fh, 1]
+        self._lock = key
+
+    def close(self) -> None:
+        """Release the folder (the end of the run, or of a process that stops writing it)."""
+        if self._lock is None:
+            return
+        key, self._lock = self._lock, None
+        held = RunWriter._held.get(key)
+        if held is not None:
+            held[1] -= 1
+            if held[1] == 0:
+                held[0].close()
+                del RunWriter._held[key]
 
     def write_config(self, cfg: RunConfig, extra: dict[str, Any]) -> None:
         if not self.enabled:
@@ -121,23 +175,25 @@ class RunWriter:
     def charges_path(self) -> Path:
         return self.dir / "charges.jsonl"
 
-    def record_charge(self, round_number: int, attempt: int, z: float, q: float) -> None:
-        """One charged attempt, written and flushed to disk before anything it produced is
-        released (a metric line, a checkpoint, the model sent to the next cohort), so a crash
-        can never lose a charge."""
+    def record_charge(
+        self, round_number: int, attempt: int, z: float, q: float, kind: str = "train"
+    ) -> None:
+        """One charged release (a training attempt, or a federated evaluation: ``kind``),
+        written and flushed to disk before anything it produced is released (a metric line, a
+        checkpoint, the model sent to the next cohort), so a crash can never lose a charge."""
         if not self.enabled:
             return
-        line = json.dumps(
-            {"round": round_number, "attempt": attempt, "noise_multiplier": z, "sample_rate": q}
-        )
+        row = {"round": round_number, "attempt": attempt, "noise_multiplier": z, "sample_rate": q}
+        line = json.dumps({**row, **({"kind": kind} if kind != "train" else {})})
         with self.charges_path.open("a") as fh:
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def read_charges(self, default: tuple[float, float]) -> list[tuple[float, float]] | None:
-        """The charged attempts as (z, q), or None when the folder has no journal. A torn last
-        line (a crash mid-write) counts, at ``default``: the charge may have been meant."""
+    def read_charges(self, default: tuple[float, float]) -> list[tuple[float, float, str]] | None:
+        """The charged releases as (z, q, kind), or None when the folder has no journal. A torn
+        last line (a crash mid-write) counts, at ``default`` (a training attempt): the charge
+        may have been meant."""
         if not self.charges_path.exists():
             return None
         out = []
@@ -146,9 +202,10 @@ class RunWriter:
                 continue
             try:
                 row = json.loads(line)
-                out.append((float(row["noise_multiplier"]), float(row["sample_rate"])))
+                z, q = float(row["noise_multiplier"]), float(row["sample_rate"])
+                out.append((z, q, str(row.get("kind", "train"))))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                out.append(default)
+                out.append((*default, "train"))
         return out
 
     def keep_charges(self, count: int) -> None:

@@ -66,9 +66,10 @@ class CohortSampler:
         return cls(CipherStreams.secret())
 
     @classmethod
-    def from_seed(cls, seed: int) -> CohortSampler:
-        """Keyed from ``sampling-seed``: reproducible, INSECURE."""
-        return cls(CipherStreams.from_seed(seed, "sampling"), seed)
+    def from_seed(cls, seed: int, purpose: str = "sampling") -> CohortSampler:
+        """Keyed from ``sampling-seed``: reproducible, INSECURE. ``purpose`` keys independent
+        samplers from one seed (the training cohorts, the federated evaluations')."""
+        return cls(CipherStreams.from_seed(seed, purpose), seed)
 
     @property
     def secure(self) -> bool:

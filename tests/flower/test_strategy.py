@@ -210,3 +210,20 @@ def test_start_honours_flowers_arguments_or_refuses_them(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]  # num_rounds replaced rounds = 5
     assert rows[0]["eval_weight_sum"] == 0.0  # the initial arrays were the zeros given
     assert set(result.arrays.to_torch_state_dict()) == set(zeros)
+
+
+def test_a_node_gone_after_the_refresh_counts_as_unreachable():
+    """The SuperLink answers a message to a node that left with NODE_UNAVAILABLE (from itself,
+    not the node): the user is unreachable (a dropout), not a rejected update."""
+    cfg = RunConfig.from_mapping({"population": 2, "cohort-size": 2.0, "diagnostics": True})
+    strategy = DPFedAvg(cfg, user_nodes={0: 100, 1: 101})
+    state = ServerState({"w": torch.zeros(3)}, ServerSpec(1.0, 2, ClipConfig(1.0)), 1)
+    strategy._cohort, strategy._agg, strategy._extra = np.array([0, 1]), state.begin_round(), {}
+    msgs = list(
+        strategy.configure_train(1, ArrayRecord({"w": torch.zeros(3)}), ConfigRecord({}), None)
+    )
+    TaskIdentity.node_id = 0  # the SuperLink
+    gone = Message(Error(code=5, reason="node unavailable"), reply_to=msgs[1])
+    strategy.aggregate_train(1, [reply_from(100, msgs[0], {"w": torch.full((3,), 0.1)}), gone])
+    assert strategy._agg.accepted == 1 and strategy._agg.num_rejected == 0
+    assert strategy._extra["diag_unreachable"] == 1 and strategy._extra["diag_failed"] == 0

@@ -28,7 +28,10 @@ def test_client_kept_statistics_cost_nothing_for_users_never_sampled(tmp_path):
     # the simulated clients' own state lives apart from the server's checkpoint, which holds
     # no per-user entry (nothing in it tells who trained)
     checkpoint = load_checkpoint(tmp_path / "client" / "checkpoint.pt")
-    assert set(checkpoint) == {"format", "config", "server", "noise", "initial", "rounds_planned"}
+    assert set(checkpoint) == {
+        "format", "config", "server", "noise", "initial", "rounds_planned", "run_id", "lineage",
+        "eval_plan", "eval_ledger",
+    }  # fmt: skip
     store = load_checkpoint(tmp_path / "client" / "clients" / "state.pt")
     assert 0 < len(store) < cfg.population  # only users that were sampled
     for stats in store.values():

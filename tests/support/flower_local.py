@@ -95,6 +95,26 @@ def kill(pids: list[int], timeout: float = 15.0) -> None:
                 pass
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, grandchildren, ... (Linux /proc): helpers a SuperLink or SuperNode
+    spawns may leave its process group."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def run_status(env: dict[str, str], connection: str) -> list[dict]:
     res = subprocess.run(
         [str(BIN / "flwr"), "ls", connection, "--format", "json"],
@@ -142,10 +162,12 @@ def flwr_run(
     federation_config: str | None = None,
     timeout: float = 3600,
     app: Path = ROOT,
+    stream: bool = True,
 ) -> subprocess.CompletedProcess:
     """``flwr run <app> <connection> --stream`` with dpfl config ``values`` (``app``: the
-    folder of the Flower app's pyproject.toml, dpfl's own by default)."""
-    cmd = [str(BIN / "flwr"), "run", str(app), connection, "--stream"]
+    folder of the Flower app's pyproject.toml, dpfl's own by default). ``stream = False``:
+    return once the run is submitted."""
+    cmd = [str(BIN / "flwr"), "run", str(app), connection] + (["--stream"] if stream else [])
     if federation_config:
         cmd += ["--federation-config", federation_config]
     cmd += ["--run-config", run_config_arg(values)]
@@ -247,3 +269,88 @@ def supernode_command(
         "--port", str(free_port()),
         "--node-config", f"partition-id={partition} num-partitions={partitions}",
     ]  # fmt: skip
+
+
+class LoopbackFederation:
+    """A SuperLink (insecure, its state in a database file) and SuperNodes on loopback, one per
+    user, each keeping its own state in its own folder: a deployment that tests can crash and
+    restart piece by piece. ``stop()`` ends every process it started, helpers included."""
+
+    def __init__(self, root: Path, users: int, connection: str = "loopback") -> None:
+        self.root, self.connection = root, connection
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.database = root / "superlink.db"
+        self.env = deployment_home(root / "flwr", connection, self.port, None)
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: dict[int, subprocess.Popen] = {}
+        self.partitions = users
+        self.start_superlink()
+        for user in range(users):
+            self.start_node(user)
+
+    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=open(self.logs / f"{name}.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start_superlink(self) -> None:
+        cmd = superlink_command(self.port) + ["--database", str(self.database)]
+        self.superlink = self._spawn(cmd, "superlink")
+        wait_for_port(self.port)
+
+    def start_node(self, user: int) -> None:
+        cmd = supernode_command(self.port, user, self.partitions)
+        cmd[-1] += f" state-dir='{self.root / f'node-{user}'}'"
+        self.nodes[user] = self._spawn(cmd, f"supernode-{user}")
+
+    def helpers(self, pid: int) -> list[int]:
+        """The processes ``pid`` started (SuperExec helpers, the ServerApps and ClientApps
+        they run), by parentage or by ``--parent-pid``."""
+        found = set(descendants(pid)) | set(pids_matching("--parent-pid", f" {pid} "))
+        for helper in list(found):
+            found |= set(descendants(helper))
+        return sorted(found)
+
+    def serverapps(self) -> list[int]:
+        """The ServerApp processes of this SuperLink."""
+        return pids_matching("flwr-serverapp", f":{self.port}")
+
+    def kill_node(self, user: int, sig: int = signal.SIGKILL) -> None:
+        """Stop user's SuperNode: SIGKILL (its SuperLink learns of it when its heartbeats stop)
+        or SIGTERM (it leaves, deactivating itself first); its helpers are killed too."""
+        proc = self.nodes.pop(user)
+        helpers = self.helpers(proc.pid)
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for pid in helpers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink and everything it runs (the ServerApp too), as when its
+        machine fails; its database file stays."""
+        assert self.superlink is not None
+        for pid in [self.superlink.pid, *self.helpers(self.superlink.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.superlink.wait()
+        self.superlink = None
+
+    def stop(self) -> None:
+        procs = [p for p in [self.superlink, *self.nodes.values()] if p is not None]
+        started = [p.pid for p in procs]
+        kill(started + [h for pid in started for h in self.helpers(pid)])

@@ -124,4 +124,5 @@ def train_central(cfg: RunConfig, progress: bool = True, overwrite: bool = False
     }
     writer.write_summary(summary)
     writer.write_model(global_weights(model))
+    writer.close()
     return summary
