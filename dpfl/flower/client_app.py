@@ -167,21 +167,10 @@ def handle_train(
     client (e.g. OFVL-MS's scene-specific ones), to be passed back in the next round; it never
     leaves the node.
     """
-    values = dict(values)
-    RunMark.pop(values)  # the node's own state is the caller's (make_client_app's train)
-    round_number = int(values.pop("server-round"))
-    cfg = node_run_config(RunConfig.from_mapping(values), node_config)
-    user = _user_of(node_config)
-    task, model, dataset, device = _workspace_for(cfg, user, task, data)
-    is_private, buffers = federated_split(task, model, cfg.norm_stats)
-    if is_private is not None:
-        if private:
-            load_weights(model, private)
-        else:
-            load_weights(model, private_weights(task.build_model(), is_private, buffers))
-            prepare = hook(task, "prepare_private")
-            if prepare is not None:
-                prepare(model, dataset.user_data(user))
+    round_number = int(values["server-round"])
+    cfg, user, task, model, dataset, device, is_private, buffers = _node_model(
+        values, node_config, private, task, data
+    )
     clip = cfg.clip_config() if cfg.clip_location == "client" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -229,25 +218,54 @@ def handle_evaluate(
     """Federated evaluation on the node: the global ``weights`` (with the node's kept
     parameters and statistics, ``private``) on its user's held-out data; returns (examples,
     the task's metrics). Nothing is trained or kept."""
-    values = dict(values)
-    RunMark.pop(values)
-    values.pop("server-round", None)
-    cfg = node_run_config(RunConfig.from_mapping(values), node_config)
-    user = _user_of(node_config)
-    task, model, dataset, device = _workspace_for(cfg, user, task, data)
+    _, user, task, model, dataset, device, _, _ = _node_model(
+        values, node_config, private, task, data
+    )
     held_out = hook(dataset, "user_test_data")
     if held_out is None:
         raise ValueError("federated evaluation: this node's dataset has no user_test_data")
-    is_private, buffers = federated_split(task, model, cfg.norm_stats)
-    if is_private is not None:
-        fresh = private_weights(task.build_model(), is_private, buffers)
-        load_weights(model, private or fresh)
     load_weights(model, {n: w.to(device) for n, w in weights.items()})
     data_u = held_out(user)
     if len(data_u) == 0:
         return 0, {}
     metrics = task.evaluate(model, data_u)
     return len(data_u), {k: float(v) for k, v in metrics.items()}
+
+
+def _node_model(values: dict, node_config: dict, private, task, data):
+    """This node's run config, user and workspace (task, model, dataset, device) for a message,
+    with the user's kept parameters and statistics loaded into the model (``private``; the
+    first time, fresh ones, prepared from the user's data as the simulator does); also returns
+    (is_private, buffers), the split of what the task keeps on the client."""
+    values = dict(values)
+    RunMark.pop(values)  # the node's own state is the caller's (make_client_app's handlers)
+    values.pop("server-round", None)
+    cfg = node_run_config(RunConfig.from_mapping(values), node_config)
+    user = _user_of(node_config)
+    task, model, dataset, device = _workspace_for(cfg, user, task, data)
+    is_private, buffers = federated_split(task, model, cfg.norm_stats)
+    if is_private is not None:
+        if private:
+            load_weights(model, private)
+        else:
+            load_weights(model, private_weights(task.build_model(), is_private, buffers))
+            prepare = hook(task, "prepare_private")
+            if prepare is not None:
+                prepare(model, dataset.user_data(user))
+    return cfg, user, task, model, dataset, device, is_private, buffers
+
+
+def _kept_state(values: dict, context: Context, before: int):
+    """(store, state): the user's kept parameters and statistics to start from, the newest from
+    before round ``before``: from the node's disk when the server sends a run mark (taken out
+    of ``values``), else from ``context.state`` (store None)."""
+    mark = RunMark.pop(values)
+    if mark is None:
+        record = context.state.get(PRIVATE_KEY)
+        return None, record.to_torch_state_dict() if record is not None else None
+    root = context.node_config.get(STATE_DIR_KEY) or default_state_dir()
+    store = NodeStore(root, mark, _user(context))
+    return store, store.load(before)
 
 
 def _user_of(node_config: dict) -> int:
@@ -274,15 +292,7 @@ def make_client_app(task=None, data=None) -> ClientApp:
         # What the task keeps on the node (never sent): on the node's disk, per round, so that
         # a resumed run (a new `flwr run`) finds it; in context.state for a server that sends
         # no run mark.
-        mark = RunMark.pop(values)
-        store = None
-        if mark is not None:
-            root = context.node_config.get(STATE_DIR_KEY) or default_state_dir()
-            store = NodeStore(root, mark, _user(context))
-            stored = store.load(round_number)
-        else:
-            record = context.state.get(PRIVATE_KEY)
-            stored = record.to_torch_state_dict() if record is not None else None
+        store, stored = _kept_state(values, context, before=round_number)
         delta, metrics, private = handle_train(
             values,
             msg.content["arrays"].to_torch_state_dict(),
@@ -303,14 +313,7 @@ def make_client_app(task=None, data=None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         values = dict(msg.content["config"])
-        round_number = int(values["server-round"])
-        mark = RunMark.pop(values)
-        if mark is not None:
-            root = context.node_config.get(STATE_DIR_KEY) or default_state_dir()
-            stored = NodeStore(root, mark, _user(context)).load(round_number + 1)
-        else:
-            record = context.state.get(PRIVATE_KEY)
-            stored = record.to_torch_state_dict() if record is not None else None
+        _, stored = _kept_state(values, context, before=int(values["server-round"]) + 1)
         examples, metrics = handle_evaluate(
             values,
             msg.content["arrays"].to_torch_state_dict(),

@@ -21,6 +21,7 @@ cohorts, and independent of them). Each asked user replies with its number of he
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ import torch
 from dpfl.api import hook
 from dpfl.config import RunConfig
 from dpfl.privacy.accounting import Segment, epsilon_for_segments
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BOUNDS = {"accuracy": (0.0, 1.0)}
 """Metrics whose range is known without the task saying so."""
@@ -219,9 +222,6 @@ def federated_evaluation(run, round_number: int, collect_eval) -> dict[str, floa
     """One federated evaluation of ``run`` (a FederatedRun) after round ``round_number``: the
     budget check, the secret sample, the users' replies, the charge (journaled before anything
     is released), the release."""
-    import logging
-
-    log = logging.getLogger("dpfl.loop.run")
     plan, cfg, spec = run.eval_plan, run.cfg, run.spec
     dp = plan.mode == "dp" and plan.noise_multiplier > 0
     if dp and cfg.target_epsilon > 0 and spec.accounted:
@@ -239,14 +239,13 @@ def federated_evaluation(run, round_number: int, collect_eval) -> dict[str, floa
             return {}
     users = run.eval_sampler.cohort(cfg.population, plan.sample_rate, round_number)
     results = collect_eval(round_number, users, run.state.weights())
-    if plan.mode == "dp":
-        if spec.dp:
-            run.state.ledger.record(plan.noise_multiplier, plan.sample_rate)
-            run.eval_ledger.record(plan.noise_multiplier, plan.sample_rate)
-            if run.primary:
-                run.writer.record_charge(
-                    round_number, 0, plan.noise_multiplier, plan.sample_rate, kind="eval"
-                )
+    if plan.mode == "dp" and spec.dp:  # charged (and journaled) before anything is released
+        run.state.ledger.record(plan.noise_multiplier, plan.sample_rate)
+        run.eval_ledger.record(plan.noise_multiplier, plan.sample_rate)
+        if run.primary:
+            run.writer.record_charge(
+                round_number, 0, plan.noise_multiplier, plan.sample_rate, kind="eval"
+            )
     return release(plan, results, run.state.noise)
 
 

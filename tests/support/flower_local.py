@@ -74,6 +74,15 @@ def pids_matching(*needles: str) -> list[int]:
     return out
 
 
+def sigkill(pids: list[int]) -> None:
+    """SIGKILL each of ``pids`` that still runs (a crash, no clean-up)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill(pids: list[int], timeout: float = 15.0) -> None:
     for pid in pids:
         try:
@@ -332,21 +341,13 @@ class LoopbackFederation:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        for pid in helpers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sigkill(helpers)
 
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink and everything it runs (the ServerApp too), as when its
         machine fails; its database file stays."""
         assert self.superlink is not None
-        for pid in [self.superlink.pid, *self.helpers(self.superlink.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sigkill([self.superlink.pid, *self.helpers(self.superlink.pid)])
         self.superlink.wait()
         self.superlink = None
 
