@@ -218,6 +218,26 @@ class RunConfig:
             "(-1: secret cohorts)"
         ),
     )
+    dp_mode: str = field(
+        default="central",
+        metadata=_doc(
+            "central (the server adds Gaussian noise to the clipped updates it sees) or "
+            "distributed (each client adds its share of Skellam noise to an integer encoding; "
+            "the server learns only the sum, through secure aggregation under Flower)"
+        ),
+    )
+    sum_bits: int = field(
+        default=20,
+        metadata=_doc("distributed: bits per coordinate of the modular sum (b; 4 to 30)"),
+    )
+    min_contributors: int = field(
+        default=0,
+        metadata=_doc(
+            "distributed: the fewest contributions a released sum may have (t; each client's "
+            "noise share is 1/t of the total, and SecAgg+'s reconstruction threshold); 0: "
+            "automatic, max(2, ceil(cohort-size / 2))"
+        ),
+    )
     count_noise_multiplier: float = field(
         default=0.0,
         metadata=_doc(
@@ -368,6 +388,18 @@ class RunConfig:
     @property
     def dp_enabled(self) -> bool:
         return self.clip_norm > 0
+
+    @property
+    def distributed(self) -> bool:
+        """Distributed DP: clients noise integer encodings; the server sees only their sum."""
+        return self.dp_mode == "distributed" and self.dp_enabled
+
+    @property
+    def resolved_min_contributors(self) -> int:
+        """t: as set, or max(2, ceil(cohort-size / 2))."""
+        if self.min_contributors > 0:
+            return self.min_contributors
+        return max(2, -(-int(round(self.cohort_size * 1e6)) // 2_000_000))
 
     @property
     def eval_mode(self) -> str:

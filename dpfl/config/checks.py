@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "vectorize": ("auto", "on", "off"),
     "precision": ("fp32", "bf16", "fp16"),
     "eval_privacy": ("auto", "dp", "diagnostic"),
+    "dp_mode": ("central", "distributed"),
 }
 
 
@@ -161,6 +162,7 @@ def validate(cfg: Any) -> None:
         raise bad("noise_seed", "-1 (secure) or a seed >= 0")
     if cfg.sampling_seed < -1:
         raise bad("sampling_seed", "-1 (secret cohorts) or a seed >= 0")
+    _check_distributed(cfg, bad)
     if cfg.count_noise_multiplier < 0:
         raise bad("count_noise_multiplier", "a number >= 0 (0: automatic)")
     if cfg.count_noise_multiplier > 0 and cfg.min_replies == 0:
@@ -177,3 +179,28 @@ def validate(cfg: Any) -> None:
             "config key target-epsilon needs sampling = poisson: the accountants do not "
             "cover fixed-size cohorts"
         )
+
+
+def _check_distributed(cfg: Any, bad) -> None:
+    if not 4 <= cfg.sum_bits <= 30:
+        raise bad("sum_bits", "an integer in [4, 30]")
+    if cfg.min_contributors < 0:
+        raise bad("min_contributors", "0 (automatic) or an integer >= 1")
+    if cfg.dp_mode != "distributed":
+        return
+    refused = (
+        (cfg.clip_norm == 0, "needs DP on (clip-norm > 0)"),
+        (
+            cfg.clip_location != "client",
+            "needs clip-location = 'client' (the server never sees an update to clip)",
+        ),
+        (cfg.min_replies > 0, "replaces min-replies by min-contributors (set min-replies = 0)"),
+        (
+            cfg.eval_cohort_size > 0,
+            "does not run federated evaluation yet (the server would "
+            "see each user's metrics): set eval-cohort-size = 0",
+        ),
+    )
+    for failed, why in refused:
+        if failed:
+            raise ValueError(f"config key dp-mode = 'distributed' {why}")

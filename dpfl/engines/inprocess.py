@@ -23,6 +23,7 @@ from dpfl.config import RunConfig
 from dpfl.engines import torchrun as distributed
 from dpfl.loop.layer_shares import LayerShares
 from dpfl.loop.run import FederatedRun, client_seed, local_config
+from dpfl.privacy.distributed import encode_update
 from dpfl.privacy.stacked import stacked_norms
 from dpfl.profiling import section
 from dpfl.server.aggregate import EventLog, RoundAggregator
@@ -76,6 +77,31 @@ def run_in_process(
     local_cfg = local_config(cfg)
     spec = run.spec
     clip_on_client = spec.clip if spec.dp and spec.clip_location == "client" else None
+    if spec.encoding is not None and group is not None:
+        raise ValueError(
+            "dp-mode = 'distributed' does not run under torchrun yet: run it in one process"
+        )
+
+    def send(agg: RoundAggregator, round_number: int, user: int, delta: Weights) -> bool:
+        """What leaves a client: its clipped delta (central DP), or (distributed DP) its
+        integer encoding with its noise share; False when the update is refused."""
+        if spec.encoding is None:
+            return agg.add(delta) is None
+        try:
+            values = encode_update(
+                delta,
+                spec.encoding,
+                spec.rotation_seed,
+                round_number,
+                user,
+                spec.noise_seed,
+                reduce=False,
+            )
+        except ValueError as err:  # above the clip bound, or not finite: never encoded
+            agg.reject(str(err))
+            return False
+        agg.add_encoded(np.mod(values, spec.encoding.modulus), values)
+        return True
 
     def faults(user: int, round_number: int) -> str | None:
         """Simulated faults, fixed by (seed, round, user): "drop", "fail" or None."""
@@ -133,7 +159,7 @@ def run_in_process(
             run.keep_client(user)  # the client trained (and keeps its state) even if late
             if tally.late(user, res.steps):
                 continue
-            agg.add(res.delta)  # already on the CPU: what leaves a client
+            send(agg, round_number, user, res.delta)  # already on the CPU
             tally.diagnose(res.train_loss, res.clip_stats)
             if cfg.diagnostics:  # pre-clip tensor norms (the delta's own when unclipped)
                 norms = (
@@ -184,6 +210,10 @@ def run_in_process(
                 sizes = {n: t[0].numel() for n, t in cohort.deltas.items()}
                 tally.layers(sizes, layer[keep].tolist())
             deltas = cohort.deltas
+            if spec.encoding is not None:  # each client encodes its own row
+                for k in keep:
+                    send(agg, round_number, chunk[k], {n: d[k].cpu() for n, d in deltas.items()})
+                continue
             if len(keep) < len(chunk):
                 at = torch.tensor(keep, device=next(iter(deltas.values())).device)
                 deltas = {n: d.index_select(0, at) for n, d in deltas.items()}

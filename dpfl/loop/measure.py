@@ -63,6 +63,7 @@ def budget_ahead(run: FederatedRun) -> EpsilonResult | None:
             spec.delta,
             cfg.accountant,
             fallback=True,
+            skellam=spec.skellam,
         )
 
 def epsilon_metrics(

@@ -15,9 +15,12 @@ from dpfl.privacy.accounting import (
     ACCOUNTANTS,
     ADJACENCY,
     SAMPLING,
+    Segment,
     calibrate_noise_multiplier,
     epsilon_for_segments,
 )
+from dpfl.privacy.clipping import sensitivity_bound
+from dpfl.privacy.distributed import EncodingPlan, plan_encoding, poisson_cohort_bound
 from dpfl.privacy.mechanisms import effective_noise_multiplier, sum_noise_multiplier
 from dpfl.server.round import ServerSpec
 
@@ -31,6 +34,46 @@ THREAT_MODEL = (
     "public metrics. Not covered: diag_* metrics (exact counts, per-client statistics), the "
     "wall-clock time of rounds, and the simulated clients' own state (clients/)."
 )
+THREAT_MODEL_DISTRIBUTED = (
+    "distributed DP with secure aggregation: each client clips its update, encodes it as "
+    "integers and adds its share of Skellam noise on the device; under Flower, SecAgg+ masks the "
+    "encodings so the server (ServerApp and SuperLink) learns only their sum modulo 2^b, which "
+    "carries the noise of at least min-contributors clients (in the in-process simulator the "
+    "masks, which cancel, are skipped and the same modular sum is computed). The server is "
+    "honest-but-curious: it follows the protocol and samples cohorts as configured; "
+    "amplification by sampling assumes that, that it keeps the cohorts secret and that clients "
+    "do not collude with it (SecAgg+ tells each sampled client its neighbours' node ids, so "
+    "clients learn part of the cohort). Against the server itself, which knows who was sampled, "
+    "each round a user took part in is worth epsilon_per_round_unsampled. Not covered: diag_* "
+    "metrics and the wall-clock time of rounds."
+)
+DISTRIBUTED_CHECKS = {
+    "moved_to_the_client": (
+        "clipping (the server cannot see an update's norm), the rounding bound and the noise "
+        "share: a client that skips its share weakens everyone's guarantee, so at least "
+        "min-contributors contributions are assumed to come from honest clients"
+    ),
+    "kept_by_the_server": (
+        "the number of contributions (a sum with fewer than min-contributors is never "
+        "released, and is charged), the sum's shape, and its range: coordinates near the "
+        "modular boundary fail the round (a heuristic; a wrap cannot be detected with "
+        "certainty under secure aggregation; the simulator checks the exact sum and fails "
+        "loudly)"
+    ),
+    "adjacency": (
+        "add/remove one user's clipped update, with the noise on the sum accounted as the "
+        "Skellam noise of min-contributors shares (as Kairouz, Liu, Steinke 2021 and Agarwal, "
+        "Kairouz, Liu 2021 account it). The noise grows with the number of contributions, "
+        "which SecAgg's server knows; what that number reveals to others is not accounted (it "
+        "is treated as public), nor is whether a round was released (a cohort smaller than "
+        "min-contributors: probability released_below_threshold_probability per round)"
+    ),
+    "known_limits": (
+        "Flower 1.42's SecAgg+ expands its mask seeds with NumPy's MT19937 seeded by a 32-bit "
+        "fold of the 256-bit secret, which a server with enough computation could search; "
+        "a malicious client could craft an update that wraps the sum (a denial of service)"
+    ),
+}
 ASSUMPTIONS = (
     "one user = one node or data partition (several devices of one person count as several users)",
     "epsilon is per run: runs on the same users (tuning, repeats) compose",
@@ -47,6 +90,12 @@ class NoisePlan:
     """True when the noise was calibrated for ``target_epsilon`` over the planned rounds."""
     count_noise_multiplier: float = 0.0
     """z_c: noise std (users) on the count min-replies decides on; 0 when none is released."""
+    encoding: dict | None = None
+    """Distributed DP: the clients' integer encoding (:class:`EncodingPlan` as a dict)."""
+
+    @property
+    def encoding_plan(self) -> EncodingPlan | None:
+        return EncodingPlan(**self.encoding) if self.encoding is not None else None
 
     @property
     def effective(self) -> float:
@@ -54,14 +103,67 @@ class NoisePlan:
         return effective_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier)
 
 
-def resolve_noise(cfg: RunConfig) -> NoisePlan:
+def encoding_for(cfg: RunConfig, dim: int, noise_multiplier: float) -> EncodingPlan:
+    """Distributed DP: the integer encoding of ``dim``-coordinate updates at noise multiplier
+    z, its wrap bound covering the largest cohort Poisson sampling gives with probability
+    1 - 1e-10 (a fixed-size cohort: its size)."""
+    if cfg.sampling == "poisson":
+        largest = poisson_cohort_bound(cfg.population, cfg.sample_rate)
+    else:
+        largest = math.ceil(cfg.cohort_size)
+    t = cfg.resolved_min_contributors
+    if t > largest:
+        raise ValueError(
+            f"config key min-contributors = {t} exceeds the largest cohort ({largest}): no "
+            "round could ever be released"
+        )
+    try:
+        return plan_encoding(
+            dim, sensitivity_bound(cfg.clip_norm), noise_multiplier, cfg.sum_bits, t, largest
+        )
+    except ValueError as err:
+        raise ValueError(f"config key sum-bits: {err}") from None
+
+
+def resolve_distributed(cfg: RunConfig, dim: int) -> NoisePlan:
+    """Distributed DP's noise: z as given, or calibrated for target-epsilon with the Skellam
+    accountant (whose sensitivities depend on z through the encoding's scale)."""
+    if cfg.noise_multiplier > 0:
+        z, calibrated = cfg.noise_multiplier, False
+    else:
+        if cfg.target_epsilon <= 0:
+            raise ValueError(
+                "dp-mode = 'distributed' needs noise-multiplier > 0 or target-epsilon > 0"
+            )
+
+        def segment(z: float, q: float, rounds: int) -> Segment:
+            plan = encoding_for(cfg, dim, z)
+            return Segment(z, q, rounds, plan.l2, plan.l1)
+
+        z = calibrate_noise_multiplier(
+            cfg.target_epsilon,
+            cfg.resolved_delta,
+            cfg.sample_rate,
+            cfg.rounds,
+            "rdp",
+            segment=segment,
+        )
+        calibrated = True
+    return NoisePlan(z, calibrated, encoding=encoding_for(cfg, dim, z).to_dict())
+
+
+def resolve_noise(cfg: RunConfig, dim: int | None = None) -> NoisePlan:
     """The noise from the config: z as given, or (noise-multiplier = 0 with a target-epsilon)
     calibrated so the planned rounds spend exactly the target. With min-replies, the count is
     noised too (z_c = count-noise-multiplier, or 10 z) and the calibration is of z_eff, the
     multiplier every attempt is charged at. Either way a run with a target stops before an
-    attempt that would exceed it."""
+    attempt that would exceed it. Distributed DP needs ``dim``, the coordinates of an update."""
     if not cfg.dp_enabled:
         return NoisePlan(0.0, False)
+    if cfg.distributed:
+        if dim is None:
+            raise ValueError("distributed DP's noise depends on the update's size: pass dim")
+        return resolve_distributed(cfg, dim)
     counted = cfg.min_replies > 0
     if cfg.target_epsilon > 0 and cfg.noise_multiplier == 0:
         # with DP federated evaluation, training alone spends (1 - share) of the target
@@ -109,7 +211,42 @@ def server_spec(cfg: RunConfig, noise: NoisePlan) -> ServerSpec:
         schedule_options=cfg.schedule_options(),
         noise_seed=None if cfg.noise_seed < 0 else cfg.noise_seed,
         count_noise_multiplier=noise.count_noise_multiplier,
+        encoding=noise.encoding_plan,
+        rotation_seed=cfg.seed,
     )
+
+
+def distributed_statement(cfg: RunConfig, spec: ServerSpec) -> dict[str, Any]:
+    """The encoding, the accounting inputs and the checks of a distributed-DP run."""
+    from scipy.stats import binom
+
+    plan = spec.encoding
+    single = epsilon_for_segments(
+        [Segment(spec.noise_multiplier, 1.0, 1, plan.l2, plan.l1)], spec.delta, "rdp"
+    )
+    below = (
+        float(binom.cdf(plan.min_contributors - 1, cfg.population, cfg.sample_rate))
+        if spec.sampling == "poisson"
+        else 0.0
+    )
+    return {
+        **DISTRIBUTED_CHECKS,
+        "mechanism": "Skellam (Agarwal et al. 2021): each client adds Sk(mu / t); RDP bound "
+        "and Zhu-Wang Poisson subsampling written by hand (no library has them)",
+        "sum_bits": plan.bits,
+        "scale": plan.scale,
+        "padded_dim": plan.padded,
+        "min_contributors": plan.min_contributors,
+        "largest_cohort_covered": plan.max_cohort,
+        "wrap_probability_per_round": plan.wrap_probability,
+        "l2_sensitivity_integer": plan.l2,
+        "l1_sensitivity_integer": plan.l1,
+        "total_noise_variance_integer": plan.total_variance,
+        "share_noise_variance_integer": plan.share_variance,
+        "noise_std_float_at_min_contributors": plan.noise_std_float(plan.min_contributors),
+        "epsilon_per_round_unsampled": single.epsilon,
+        "released_below_threshold_probability": below,
+    }
 
 
 def privacy_statement(
@@ -138,7 +275,8 @@ def privacy_statement(
         return statement
     statement.update(
         {
-            "threat_model": THREAT_MODEL,
+            "dp_mode": "distributed" if spec.encoding is not None else "central",
+            "threat_model": THREAT_MODEL if spec.encoding is None else THREAT_MODEL_DISTRIBUTED,
             "assumptions": list(ASSUMPTIONS),
             "adjacency": ADJACENCY,
             "sampling": SAMPLING if spec.sampling == "poisson" else "fixed-size cohorts",
@@ -156,6 +294,8 @@ def privacy_statement(
             "delta": spec.delta,
         }
     )
+    if spec.encoding is not None:
+        statement["distributed"] = distributed_statement(cfg, spec)
     if cfg.delta * cfg.population >= 1:
         statement["delta_warning"] = (
             f"delta = {spec.delta:g} >= 1/population (allow-large-delta): a mechanism that "
@@ -216,4 +356,11 @@ def privacy_statement(
             else ""
         )
     )
+    if spec.encoding is not None:
+        plan = spec.encoding
+        statement["text"] += (
+            f"; distributed DP: each client adds Skellam noise to a {plan.bits}-bit encoding, "
+            f"at least {plan.min_contributors} contributions per released sum, the server "
+            "sees only the sum (secure aggregation under Flower)"
+        )
     return statement

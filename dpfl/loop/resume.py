@@ -114,7 +114,7 @@ def charge_replays(run) -> None:
         log.info("reproducible run: the %d replayed attempts repeat exactly", len(extra))
         return
     for z, q, kind in extra:
-        state.ledger.record(z, q)
+        state.ledger.record(z, q, 1, *(spec.skellam if kind == "train" else (0.0, 0.0)))
         if kind == "eval":
             run.eval_ledger.record(z, q)
     log.warning("charging %d replayed attempts to the privacy budget", len(extra))

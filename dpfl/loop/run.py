@@ -121,12 +121,24 @@ class FederatedRun:
                 load_weights(self.model, initial_weights)
             self.extra_eval = extra_eval
             self.test_data = self.dataset.test_data()
+            # Parameters a task keeps on the client (scene-specific, FedBN-style) are never sent:
+            # the server holds the others; each client's private ones live in a store that costs
+            # nothing for clients never sampled.
+            # Running statistics of norm layers stay there too with norm-stats = "client"; with
+            # "server" they are sent with the update and the server averages them (no optimizer).
+            self.private, self.buffers = federated_split(self.task, self.model, cfg.norm_stats)
+            self.initial_private = (
+                private_weights(self.model, self.private, self.buffers) if self.private else {}
+            )
+            self.private_store: dict[int, Weights] = {}
+            self.eval_uses_private = False
+            sent = global_weights(self.model, self.private, self.buffers)
             # A resumed run keeps the noise it started with: an extension of its rounds is never
             # recalibrated (that would spend the old rounds' budget again at a lower noise).
             self.noise = (
                 NoisePlan(**self.prior["noise"])
                 if self.prior is not None and "noise" in self.prior
-                else resolve_noise(cfg)
+                else resolve_noise(cfg, sum(t.numel() for t in sent.values()))
             )
             self.rounds_planned: list[int] = (
                 list(self.prior.get("rounds_planned", [self.prior["config"]["rounds"]]))
@@ -165,18 +177,6 @@ class FederatedRun:
                 else CohortSampler.from_seed(cfg.sampling_seed, "eval-sampling")
             )
             self.eval_ledger = PrivacyLedger()
-            # Parameters a task keeps on the client (scene-specific, FedBN-style) are never sent:
-            # the server holds the others; each client's private ones live in a store that costs
-            # nothing for clients never sampled.
-            # Running statistics of norm layers stay there too with norm-stats = "client"; with
-            # "server" they are sent with the update and the server averages them (no optimizer).
-            self.private, self.buffers = federated_split(self.task, self.model, cfg.norm_stats)
-            self.initial_private = (
-                private_weights(self.model, self.private, self.buffers) if self.private else {}
-            )
-            self.private_store: dict[int, Weights] = {}
-            self.eval_uses_private = False
-            sent = global_weights(self.model, self.private, self.buffers)
             self.state = ServerState(
                 sent, self.spec, cfg.rounds, averaged=frozenset(self.buffers) & set(sent)
             )
@@ -296,13 +296,18 @@ class FederatedRun:
                 self._journal(round_number, attempt)
                 break
             give_up = cfg.on_too_few == "skip" or attempt >= cfg.max_retries
+            why = decision.reason or (
+                f"too few accepted replies for min-replies {cfg.min_replies}"
+                + (
+                    ""
+                    if decision.noisy_count is None
+                    else f" (noisy count {decision.noisy_count:.1f})"
+                )
+            )
             log.warning(
-                "round %d: too few accepted replies for min-replies %d%s: %s (charged)",
+                "round %d: %s: %s (charged)",
                 round_number,
-                cfg.min_replies,
-                ""
-                if decision.noisy_count is None
-                else f" (noisy count {decision.noisy_count:.1f})",
+                why,
                 "skipped" if give_up else "retrying",
             )
             metrics = state.discard_round(agg, advance=give_up)

@@ -12,6 +12,7 @@ import torch
 
 from dpfl.models.optimizers import OptimizerOptions, ScheduleOptions
 from dpfl.privacy.clipping import ClipConfig, clip_update, norm_violation
+from dpfl.privacy.distributed import EncodingPlan, ModularSum
 from dpfl.privacy.mechanisms import effective_noise_multiplier
 from dpfl.privacy.stacked import (
     check_stacked,
@@ -47,6 +48,18 @@ class ServerSpec:
     noise_seed: int | None = None
     count_noise_multiplier: float = 0.0
     """z_c of the noisy count that ``min-replies`` decides on (0: no count is released)."""
+    encoding: EncodingPlan | None = None
+    """Distributed DP: the clients' integer encoding (noise added by them); None: central."""
+    rotation_seed: int = 0
+    """Distributed DP: the public seed of every round's random rotation (the run's seed)."""
+
+    @property
+    def skellam(self) -> tuple[float, float]:
+        """(Delta_2, Delta_1) of the Skellam mechanism the rounds are charged as (distributed
+        DP), or (0, 0): the Gaussian."""
+        if self.encoding is None:
+            return (0.0, 0.0)
+        return (self.encoding.l2, self.encoding.l1)
 
     @property
     def expected_cohort(self) -> float:
@@ -102,6 +115,29 @@ class RoundAggregator:
     decision: Decision | None = None
     """Set once by :meth:`ServerState.decide`: one noisy count per attempt, never redrawn."""
     events: EventLog = field(default_factory=EventLog)
+    modular: ModularSum | None = None
+    """Distributed DP: the sum of the clients' encodings modulo 2^b (``total`` stays None)."""
+
+    def add_encoded(self, encoded, unreduced=None) -> None:
+        """Add one client's encoding (int64 modulo 2^b, its noise share in it), as secure
+        aggregation adds it: nothing about it can be checked here. ``unreduced`` (the
+        simulator's): the same before the reduction, so that a wrap is detected exactly."""
+        if self.spec.encoding is None:
+            raise RuntimeError("an encoded update in a central-DP round")
+        with section("aggregation"):
+            if self.modular is None:
+                self.modular = ModularSum(self.spec.encoding, exact=unreduced is not None)
+            self.modular.add(encoded, unreduced)
+            self.accepted += 1
+
+    def set_secure_sum(self, total, contributors: int) -> None:
+        """The sum modulo 2^b that secure aggregation computed over ``contributors`` clients."""
+        if self.spec.encoding is None:
+            raise RuntimeError("a secure sum in a central-DP round")
+        self.modular = ModularSum(self.spec.encoding)
+        self.modular.total = total
+        self.modular.count = contributors
+        self.accepted = contributors
 
     def check(self, update: Any) -> str | None:
         """None when ``update`` may enter the sum, else the reason it may not."""
@@ -232,3 +268,5 @@ class Decision:
     apply: bool
     noisy_count: float | None = None
     """The accepted count plus N(0, z_c^2) (DP runs with min-replies); None otherwise."""
+    reason: str | None = None
+    """Why an attempt is not applied, when it is not min-replies (distributed DP's checks)."""

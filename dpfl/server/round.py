@@ -12,6 +12,7 @@ ways of running dpfl cannot disagree about the maths or the privacy accounting.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any
@@ -20,6 +21,14 @@ import torch
 
 from dpfl.models.optimizers import make_optimizer, make_schedule
 from dpfl.privacy.accounting import PrivacyLedger
+from dpfl.privacy.distributed import (
+    boundary_limit,
+    check_exact,
+    decode,
+    near_boundary,
+    rotation_signs,
+    unflatten,
+)
 from dpfl.privacy.mechanisms import GaussianMechanism, NoiseSource, noisy_count
 from dpfl.profiling import section
 from dpfl.server.aggregate import (  # noqa: F401 (re-exported)
@@ -30,6 +39,8 @@ from dpfl.server.aggregate import (  # noqa: F401 (re-exported)
     Weights,
 )
 from dpfl.server.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 class ServerState:
@@ -69,11 +80,11 @@ class ServerState:
         self.events = EventLog()
         self.round = 0
         self.noise = NoiseSource(seed=spec.noise_seed)
-        if spec.dp and spec.noise_multiplier > 0:
+        if spec.dp and spec.noise_multiplier > 0 and spec.encoding is None:
             self.noise.reserve(sum(p.numel() for p in self.params.values()))
-        self.mechanism = (
+        self.mechanism = (  # distributed DP: the clients add the noise
             GaussianMechanism(spec.noise_multiplier, spec.clip.clip_norm, self.noise)
-            if spec.dp
+            if spec.dp and spec.encoding is None
             else None
         )
 
@@ -100,7 +111,9 @@ class ServerState:
             # a second draw would release a second noisy count of the same attempt, uncharged
             return agg.decision
         spec = self.spec
-        if min_replies <= 0:
+        if spec.encoding is not None:
+            agg.decision = self._check_sum(agg)
+        elif min_replies <= 0:
             agg.decision = Decision(True)
         elif spec.dp and spec.count_noise_multiplier > 0:
             with section("noise"):
@@ -115,10 +128,36 @@ class ServerState:
             agg.decision = Decision(agg.accepted >= min_replies)
         return agg.decision
 
+    def _check_sum(self, agg: RoundAggregator) -> Decision:
+        """Distributed DP: a sum is released only with at least t contributions (its noise is
+        then at least the accounted Sk(mu)) and when it shows no sign of a wrap. The simulator
+        knows the exact integer sum and raises on any wrap; a deployment sees only the sum
+        modulo 2^b and fails the round when more coordinates than the plan expects lie near
+        the boundary (a heuristic: under secure aggregation a wrap cannot be detected with
+        certainty)."""
+        plan = self.spec.encoding
+        if agg.accepted < plan.min_contributors:
+            return Decision(
+                False,
+                reason=f"{agg.accepted} contributions < min-contributors {plan.min_contributors}",
+            )
+        check_exact(agg.modular)  # the simulator's: raises WrapError
+        near = near_boundary(agg.modular.total, plan.bits)
+        limit = boundary_limit(plan, agg.accepted)
+        if near > limit:
+            log.error(
+                "the sum has %d coordinates near the modular boundary (limit %d): a likely "
+                "wrap, the round is failed",
+                near,
+                limit,
+            )
+            return Decision(False, reason=f"{near} coordinates near the modular boundary")
+        return Decision(True)
+
     def _charge(self) -> None:
         spec = self.spec
         if spec.dp:
-            self.ledger.record(spec.charged_noise_multiplier, spec.sample_rate)
+            self.ledger.record(spec.charged_noise_multiplier, spec.sample_rate, 1, *spec.skellam)
 
     def _privacy_metrics(self, agg: RoundAggregator) -> dict[str, float]:
         spec, metrics, decision = self.spec, {}, agg.decision
@@ -159,9 +198,16 @@ class ServerState:
         spec = self.spec
         self.round += 1
         total = agg.total
-        if total is None:  # nobody replied (or all were rejected): the sum is zero
+        if total is None and spec.encoding is None:  # nobody replied: the sum is zero
             total = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        if spec.dp:
+        if spec.encoding is not None:
+            with section("noise"):  # the clients' noise is in the sum: decode it
+                plan = spec.encoding
+                signs = rotation_signs(spec.rotation_seed, self.round, plan.padded)
+                flat = decode(agg.modular.total, plan, signs) / spec.expected_cohort
+                average = unflatten(flat, self.shapes)
+            self._charge()
+        elif spec.dp:
             with section("noise"):
                 # in place: the round's sum is the server's own and is not needed afterwards
                 average = self.mechanism.noisy_mean(total, spec.expected_cohort, inplace=True)
@@ -182,10 +228,11 @@ class ServerState:
                         p.grad = -average[n].to(p.dtype)
                 self.optimizer.step()
         self.schedule.step()
+        std = self._noise_std(agg)
         metrics: dict[str, float] = {
             "round": self.round,
-            "noise_std_sum": self.mechanism.std if spec.dp else 0.0,
-            "noise_std_average": (self.mechanism.std / spec.expected_cohort) if spec.dp else 0.0,
+            "noise_std_sum": std,
+            "noise_std_average": std / spec.expected_cohort if spec.dp else 0.0,
             "server_lr": self.optimizer.param_groups[0]["lr"],
         }
         if average is not None:
@@ -195,6 +242,13 @@ class ServerState:
             )
         metrics.update(self._privacy_metrics(agg))
         return metrics
+
+    def _noise_std(self, agg: RoundAggregator) -> float:
+        """The noise std per coordinate of the (decoded) sum: z*C centrally; distributed, that
+        of the contributions' shares (the number of contributors is the server's to know)."""
+        if self.spec.encoding is not None:
+            return self.spec.encoding.noise_std_float(agg.accepted)
+        return self.mechanism.std if self.spec.dp else 0.0
 
     # --- checkpoints ----------------------------------------------------------------------
 

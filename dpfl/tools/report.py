@@ -78,12 +78,7 @@ def statement_lines(
         f"adjacency:  {p['adjacency']} (user-level DP)",
         f"sampling:   {p['sampling']}, q = {p['sample_rate']:.6g} "
         f"(expected cohort {p['expected_cohort']:g} of {p['population']:,} users)",
-        f"mechanism:  clip {p['clip_scheme']}/{p['clip_mode']} C = {p['clip_norm']:g} on the "
-        f"{p['clip_location']}; Gaussian noise z = {p['noise_multiplier']:.4g} on the sum "
-        f"(sigma_DP = {p['sigma_dp']:.3g} on the average)",
-        f"            the same noise as the paper's sigma_DP = z/S = {p['sigma_dp']:.4g} (std "
-        f"sigma_DP*C on the average) and ml-pfl4asr's dp_sigma = C*sigma_DP = "
-        f"{p['clip_norm'] * p['sigma_dp']:.4g}",
+        *_mechanism_lines(p),
         f"noise:      {p['noise_source']}",
         *([f"cohorts:    {p['cohort_source']}"] if p.get("cohort_source") else []),
         *(
@@ -120,6 +115,11 @@ def statement_lines(
         how = f"under {used}" if used == name else f"under {used} ({name} requested)"
         note = f"; {r['note']}" if r.get("note") else ""
         lines.append(f"  {_num(r['epsilon']):.4g} {how}{note}")
+    if p.get("distributed"):
+        lines.append(
+            "  (distributed DP: the Skellam rounds are accounted in RDP only; the extrapolation "
+            "below is the Gaussian limit of the same noise)"
+        )
     rounds = charged  # every charged attempt, as the actual epsilon counts them
     # sigma_DP of what each attempt is charged at (z_eff when a noisy count is released)
     sigma = p.get("charged_noise_multiplier", p["noise_multiplier"]) / p["expected_cohort"]
@@ -357,3 +357,35 @@ def report(run_dir: str | Path, plots: bool = True) -> tuple[list[str], list[Pat
     target = float(config.get("config", {}).get("target-epsilon", 0) or 0)
     paths = write_plots(run_dir, metrics, summary["metric"], target) if plots else []
     return lines, paths
+
+
+def _mechanism_lines(p: dict) -> list[str]:
+    clip = (
+        f"clip {p['clip_scheme']}/{p['clip_mode']} C = {p['clip_norm']:g} on the "
+        f"{p['clip_location']}"
+    )
+    d = p.get("distributed")
+    if d:
+        return [
+            f"mechanism:  {clip}; distributed DP: each client adds Skellam noise to a "
+            f"{d['sum_bits']}-bit encoding (scale {d['scale']:.4g}, {d['padded_dim']:,} "
+            f"coordinates after the rotation); z = {p['noise_multiplier']:.4g} of the integer "
+            f"L2 sensitivity {d['l2_sensitivity_integer']:.4g} from at least "
+            f"{d['min_contributors']} contributions",
+            f"            wrap bound {d['wrap_probability_per_round']:g} per round (cohorts up "
+            f"to {d['largest_cohort_covered']}); a round with fewer than "
+            f"{d['min_contributors']} contributions is not released (probability "
+            f"{d['released_below_threshold_probability']:.2g}); against the server, which knows "
+            f"the cohort: epsilon {d['epsilon_per_round_unsampled']:.4g} per round taken part in",
+            f"client:     {d['moved_to_the_client']}",
+            f"server:     {d['kept_by_the_server']}",
+            f"adjacency:  {d['adjacency']}",
+            f"limits:     {d['known_limits']}",
+        ]
+    return [
+        f"mechanism:  {clip}; Gaussian noise z = {p['noise_multiplier']:.4g} on the sum "
+        f"(sigma_DP = {p['sigma_dp']:.3g} on the average)",
+        f"            the same noise as the paper's sigma_DP = z/S = {p['sigma_dp']:.4g} (std "
+        f"sigma_DP*C on the average) and ml-pfl4asr's dp_sigma = C*sigma_DP = "
+        f"{p['clip_norm'] * p['sigma_dp']:.4g}",
+    ]

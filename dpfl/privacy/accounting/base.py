@@ -25,11 +25,26 @@ class AccountantRangeError(ValueError):
 
 @dataclass(frozen=True)
 class Segment:
-    """``steps`` consecutive rounds with the same noise multiplier and sampling rate."""
+    """``steps`` consecutive rounds with the same mechanism, noise multiplier and sampling rate.
+
+    The mechanism is the Gaussian unless ``skellam_l2`` > 0: then it is the Skellam mechanism
+    of distributed DP on integers with L2 and L1 sensitivities ``skellam_l2`` and ``skellam_l1``
+    and variance (z * skellam_l2)^2 (:mod:`dpfl.privacy.accounting.skellam`)."""
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    skellam_l2: float = 0.0
+    skellam_l1: float = 0.0
+
+    @property
+    def skellam(self) -> bool:
+        return self.skellam_l2 > 0
+
+    @property
+    def mechanism(self) -> tuple[float, float, float, float]:
+        """What identifies the mechanism of one round: (z, q, Delta_2, Delta_1)."""
+        return (self.noise_multiplier, self.sample_rate, self.skellam_l2, self.skellam_l1)
 
     def __post_init__(self) -> None:
         _check_noise(self.noise_multiplier)
@@ -38,6 +53,13 @@ class Segment:
             raise TypeError(f"rounds must be an integer, got {self.steps!r}")
         if self.steps < 0:
             raise ValueError(f"rounds must be >= 0, got {self.steps}")
+        if not (self.skellam_l2 >= 0 and self.skellam_l1 >= 0) or (self.skellam_l2 > 0) != (
+            self.skellam_l1 > 0
+        ):
+            raise ValueError(
+                "a Skellam segment needs both sensitivities > 0 (a Gaussian one neither), got "
+                f"L2 {self.skellam_l2!r}, L1 {self.skellam_l1!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -80,8 +102,6 @@ def _check_delta(delta: object) -> float:
     if not 0 < v < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     return v
-
-
 
 
 class PrivacyAccountant(ABC):
@@ -132,6 +152,4 @@ def get(name: str) -> PrivacyAccountant:
     try:
         return REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"accountant must be one of {', '.join(REGISTRY)}; got {name!r}"
-        ) from None
+        raise ValueError(f"accountant must be one of {', '.join(REGISTRY)}; got {name!r}") from None

@@ -32,12 +32,11 @@ def _grouped(segments: Iterable[Segment]) -> list[Segment]:
     The three accountants compose by adding RDP curves or convolving loss distributions, both
     order-independent, so alternating settings cost one segment per distinct setting.
     """
-    steps: dict[tuple[float, float], int] = {}
+    steps: dict[tuple[float, float, float, float], int] = {}
     for s in segments:
         if s.steps > 0:
-            key = (s.noise_multiplier, s.sample_rate)
-            steps[key] = steps.get(key, 0) + s.steps
-    return [Segment(z, q, t) for (z, q), t in steps.items()]
+            steps[s.mechanism] = steps.get(s.mechanism, 0) + s.steps
+    return [Segment(z, q, t, l2, l1) for (z, q, l2, l1), t in steps.items()]
 
 
 def epsilon_for_segments(
@@ -100,12 +99,15 @@ def calibrate_noise_multiplier(
     accountant: Accountant = "rdp",
     *,
     rel_tol: float = 0.005,
+    segment=None,
 ) -> float:
     """The smallest noise multiplier (to within the search's precision) whose epsilon after
     ``rounds`` rounds at ``delta`` is at most ``target_epsilon``.
 
     The returned z satisfies ``target * (1 - rel_tol) <= epsilon(z) <= target`` (or z is pinned to
     a relative precision of 1e-6 where epsilon jumps, as PLD's discretised bound can).
+    ``segment(z, q, rounds)``: the rounds' :class:`Segment` at z (default: the Gaussian's; the
+    distributed mode's Skellam sensitivities depend on z through its encoding).
     z is searched in ``CALIBRATION_RANGE`` (PRV/PLD: from their minimum z). A target outside what
     that range reaches raises ValueError naming the range; a target that PRV/PLD could only meet
     with a z they refuse raises :class:`AccountantRangeError`.
@@ -128,7 +130,8 @@ def calibrate_noise_multiplier(
         """Epsilon at z, or None where the accountant refuses z (only ever below some z)."""
         if z not in seen:
             try:
-                seen[z] = epsilon_for_segments([Segment(z, q, rounds)], delta, accountant).epsilon
+                seg = segment(z, q, rounds) if segment is not None else Segment(z, q, rounds)
+                seen[z] = epsilon_for_segments([seg], delta, accountant).epsilon
             except AccountantRangeError:
                 seen[z] = None
         return seen[z]
@@ -137,7 +140,7 @@ def calibrate_noise_multiplier(
         return e is not None and e <= target
 
     bottom, top = CALIBRATION_RANGE
-    if not chosen.may_refuse:
+    if not chosen.may_refuse or segment is not None:
         start, factor = 1.0, 4.0
     else:
         # RDP's answer is close to PRV/PLD's (theirs is smaller, up to PRV's 0.01 slack).

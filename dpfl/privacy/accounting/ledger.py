@@ -27,19 +27,27 @@ class PrivacyLedger:
     def __init__(self, segments: Iterable[Segment] = ()) -> None:
         self._segments: list[Segment] = []
         for s in segments:
-            self.record(s.noise_multiplier, s.sample_rate, s.steps)
+            self.record(s.noise_multiplier, s.sample_rate, s.steps, s.skellam_l2, s.skellam_l1)
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        new = Segment(_check_noise(noise_multiplier), _check_rate(sample_rate), steps)
+    def record(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int = 1,
+        skellam_l2: float = 0.0,
+        skellam_l1: float = 0.0,
+    ) -> None:
+        """Charge ``steps`` rounds of the Gaussian mechanism at (z, q), or of the Skellam
+        mechanism with those sensitivities (distributed DP)."""
+        new = Segment(
+            _check_noise(noise_multiplier), _check_rate(sample_rate), steps, skellam_l2, skellam_l1
+        )
         if new.steps == 0:
             return
         last = self._segments[-1] if self._segments else None
-        if last and (last.noise_multiplier, last.sample_rate) == (
-            new.noise_multiplier,
-            new.sample_rate,
-        ):
+        if last and last.mechanism == new.mechanism:
             self._segments[-1] = Segment(
-                last.noise_multiplier, last.sample_rate, last.steps + new.steps
+                *last.mechanism[:2], last.steps + new.steps, *last.mechanism[2:]
             )
         else:
             self._segments.append(new)
@@ -66,11 +74,13 @@ class PrivacyLedger:
         accountant: Accountant = "rdp",
         *,
         fallback: bool = False,
+        skellam: tuple[float, float] = (0.0, 0.0),
     ) -> EpsilonResult:
         """Epsilon if ``steps`` more rounds ran at (z, q): to stop *before* exceeding a budget.
-        ``fallback``: where PRV/PLD refuse, RDP's (larger, so still safe) figure."""
+        ``fallback``: where PRV/PLD refuse, RDP's (larger, so still safe) figure. ``skellam``:
+        (Delta_2, Delta_1) of rounds of the Skellam mechanism (distributed DP)."""
         trial = PrivacyLedger(self._segments)
-        trial.record(noise_multiplier, sample_rate, steps)
+        trial.record(noise_multiplier, sample_rate, steps, *skellam)
         return trial.epsilon(delta, accountant, fallback=fallback)
 
     def to_dict(self) -> dict:

@@ -57,6 +57,11 @@ class _GridAccountant(PrivacyAccountant):
         return 2 * _half_width(segments, delta) / self.mesh(segments, delta)
 
     def refusal(self, segments: Sequence[Segment], delta: float) -> str | None:
+        if any(s.skellam for s in segments if s.steps > 0):
+            return (
+                f"{self.name} has no Skellam mechanism (distributed DP: its rounds are "
+                "accounted by hand in RDP only)"
+            )
         z_min = min(s.noise_multiplier for s in segments if s.steps > 0)
         if z_min < self.min_noise_multiplier:
             return (

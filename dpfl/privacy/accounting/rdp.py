@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dpfl.privacy.accounting.base import PrivacyAccountant, Segment, register
+from dpfl.privacy.accounting.skellam import INTEGER_ORDERS, skellam_curve
 
 # RDP orders: close to 1 for tiny noise (huge epsilon), a fine grid where the usual optima lie,
 # and far enough up (4096) that small target epsilons (optimum ~ 1 + log(1/delta) / eps) are not
@@ -43,13 +44,37 @@ def _rdp_per_round(q: float, z: float) -> np.ndarray:
     return curve
 
 
+@functools.lru_cache(maxsize=256)
+def _gaussian_integer_orders(q: float, z: float) -> np.ndarray:
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    curve = np.asarray(
+        rdp_analysis.compute_rdp(
+            q=q, noise_multiplier=z, steps=1, orders=[float(a) for a in INTEGER_ORDERS]
+        )
+    )
+    curve.setflags(write=False)
+    return curve
+
+
 def _rdp_epsilon(segments: Sequence[Segment], delta: float) -> tuple[float, float, str | None]:
     from opacus.accountants.analysis import rdp as rdp_analysis
 
-    orders = list(DEFAULT_RDP_ORDERS)
-    rdp = np.zeros(len(orders))
-    for s in segments:
-        rdp = rdp + s.steps * _rdp_per_round(s.sample_rate, s.noise_multiplier)
+    if any(s.skellam for s in segments):
+        # Zhu and Wang's subsampling bound holds at integer orders: compose every segment there
+        orders = [float(a) for a in INTEGER_ORDERS]
+        rdp = np.zeros(len(orders))
+        for s in segments:
+            if s.skellam:
+                curve = skellam_curve(s.sample_rate, s.noise_multiplier, s.skellam_l2, s.skellam_l1)
+            else:
+                curve = _gaussian_integer_orders(s.sample_rate, s.noise_multiplier)
+            rdp = rdp + s.steps * curve
+    else:
+        orders = list(DEFAULT_RDP_ORDERS)
+        rdp = np.zeros(len(orders))
+        for s in segments:
+            rdp = rdp + s.steps * _rdp_per_round(s.sample_rate, s.noise_multiplier)
     if not np.isfinite(rdp).any():
         return math.inf, math.nan, "no noise: epsilon is unbounded"
     with warnings.catch_warnings():
