@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -30,6 +31,7 @@ from flwr.clientapp import ClientApp
 from dpfl.api import hook
 from dpfl.client.train import (
     federated_split,
+    global_weights,
     load_weights,
     local_update,
     private_weights,
@@ -37,7 +39,9 @@ from dpfl.client.train import (
 from dpfl.config import ALIASES, RunConfig
 from dpfl.flower.node_state import STATE_DIR_KEY, NodeStore, RunMark, default_state_dir
 from dpfl.flower.nodes import USER_KEY
+from dpfl.flower.secagg import check_plan, legacy_fit, legacy_reply, pop_plan, secagg_mod
 from dpfl.loop.run import client_seed, local_config, pick_device
+from dpfl.privacy.distributed import encode_update
 
 PRIVATE_KEY = "dpfl-private-parameters"
 FLOWER_NODE_KEYS = frozenset({USER_KEY, "num-partitions"})
@@ -274,11 +278,52 @@ def _user_of(node_config: dict) -> int:
     return int(node_config[USER_KEY])
 
 
-def make_client_app(task=None, data=None) -> ClientApp:
+def handle_secure_train(
+    values: dict,
+    arrays: list,
+    node_config: dict,
+    private: dict[str, torch.Tensor] | None = None,
+    task=None,
+    data=None,
+):
+    """Distributed DP's client step inside SecAgg+'s masked-vector stage: train, clip, and
+    encode the delta as integers modulo 2^b with this client's noise share (the plan the
+    server sent is checked first). Returns (encoding, private)."""
+    values = dict(values)
+    plan = pop_plan(values)
+    if plan is None:
+        raise ValueError("a SecAgg+ round without an encoding plan")
+    round_number = int(values["server-round"])
+    probe = {k: v for k, v in values.items() if k != "server-round"}
+    cfg = node_run_config(RunConfig.from_mapping(probe), node_config)
+    if not cfg.distributed:
+        raise ValueError("a SecAgg+ round for a run that is not in dp-mode = 'distributed'")
+    user = _user_of(node_config)
+    run_task, model, _, _ = _workspace_for(cfg, user, task, data)
+    is_private, buffers = federated_split(run_task, model, cfg.norm_stats)
+    names = list(global_weights(model, is_private, buffers))
+    if len(names) != len(arrays):
+        raise ValueError(f"{len(arrays)} arrays for a model of {len(names)} tensors")
+    weights = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, arrays, strict=True)}
+    check_plan(plan, cfg, sum(w.numel() for w in weights.values()))
+    delta, _, kept = handle_train(values, weights, node_config, private, task=task, data=data)
+    encoded = encode_update(
+        delta,
+        plan,
+        cfg.seed,
+        round_number,
+        user,
+        cfg.noise_seed if cfg.noise_seed >= 0 else None,
+    )
+    return encoded, kept
+
+
+def make_client_app(task=None, data=None, mods=None) -> ClientApp:
     """A ClientApp running dpfl's client step for the node's user (``partition-id``).
     ``task`` and ``data`` (objects following :mod:`dpfl.api`) replace the run config's names;
-    left out, they are resolved from it."""
-    app = ClientApp()
+    left out, they are resolved from it. ``mods``: Flower mods to run before dpfl's own (which
+    runs SecAgg+ for the rounds of a distributed-DP run)."""
+    app = ClientApp(mods=[*(mods or []), secagg_mod])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -287,6 +332,19 @@ def make_client_app(task=None, data=None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        legacy = legacy_fit(msg)
+        if legacy is not None:  # SecAgg+'s masked-vector stage: distributed DP
+            arrays, values = legacy
+            round_number = int(values["server-round"])
+            store, stored = _kept_state(values, context, before=round_number)
+            encoded, private = handle_secure_train(
+                values, arrays, dict(context.node_config), stored, task=task, data=data
+            )
+            if private and store is not None:
+                store.save(round_number, private)
+            elif private:
+                context.state[PRIVATE_KEY] = ArrayRecord(private)
+            return legacy_reply(msg, encoded)
         values = dict(msg.content["config"])
         round_number = int(values["server-round"])
         # What the task keeps on the node (never sent): on the node's disk, per round, so that

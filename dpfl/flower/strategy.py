@@ -31,6 +31,7 @@ from dpfl.flower.nodes import (  # noqa: F401 (discover_users, load_node_registr
     discover_users,
     load_node_registry,
 )
+from dpfl.flower.secagg import plan_config, secure_sum
 from dpfl.loop.layer_shares import LayerShares
 from dpfl.server.aggregate import RoundAggregator
 
@@ -292,9 +293,14 @@ class DPFedAvg(Strategy):
         """The ``collect`` step of :class:`dpfl.loop.run.FederatedRun`, through Flower messages."""
         values = {k: v for k, v in self.cfg.to_dict().items() if k not in SERVER_ONLY_KEYS}
 
+        if self.cfg.distributed:  # the clients' noise: in reproducible mode they need the seed
+            values["noise-seed"] = self.cfg.noise_seed
+
         def collect(round_number, cohort, weights, agg) -> dict[str, Any]:
             self.refresh_nodes(grid, round_number)
             self._cohort, self._agg, self._extra, self._gone = cohort, agg, {}, 0
+            if self.cfg.distributed:
+                return self.collect_secure(grid, round_number, weights, agg, values)
             train_config = ConfigRecord({**values, **self.run_mark(round_number)})
             messages = list(
                 self.configure_train(round_number, ArrayRecord(weights), train_config, grid)
@@ -307,6 +313,31 @@ class DPFedAvg(Strategy):
             return dict(self._extra)
 
         return collect
+
+    def collect_secure(
+        self, grid: Grid, round_number: int, weights: Weights, agg: RoundAggregator, values: dict
+    ) -> dict[str, Any]:
+        """Distributed DP: the cohort's nodes run SecAgg+ (:mod:`dpfl.flower.secagg`); the
+        server receives masked vectors and learns only the sum of the encodings, noise shares
+        included, which it hands to the aggregator with the number of contributions."""
+        plan = self._run.spec.encoding
+        nodes = [self.user_nodes[int(u)] for u in self._cohort if int(u) in self.user_nodes]
+        config = {
+            **values,
+            **self.run_mark(round_number),
+            **plan_config(plan),
+            "server-round": round_number,
+        }
+        total, contributors, failed = secure_sum(
+            grid, round_number, nodes, weights, config, plan, self.cfg.round_timeout
+        )
+        if total is not None:
+            agg.set_secure_sum(total, contributors)
+        return {
+            "diag_unreachable": len(self._cohort) - len(nodes),
+            "diag_failed": failed,
+            "diag_missing": len(nodes) - contributors - failed if total is not None else 0,
+        }
 
     def eval_collector(self, grid: Grid) -> Callable:
         """The federated evaluation's replies, through Flower messages (EVALUATE)."""
