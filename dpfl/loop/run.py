@@ -208,6 +208,7 @@ class FederatedRun:
                     "rounds_planned": self.rounds_planned,
                     "delta": self.spec.delta,
                     "device": str(self.device),
+                    **({"encoding": self.noise.encoding} if self.noise.encoding else {}),
                 },
             )
         except BaseException:

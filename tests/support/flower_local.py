@@ -285,8 +285,17 @@ class LoopbackFederation:
     user, each keeping its own state in its own folder: a deployment that tests can crash and
     restart piece by piece. ``stop()`` ends every process it started, helpers included."""
 
-    def __init__(self, root: Path, users: int, connection: str = "loopback") -> None:
+    def __init__(
+        self,
+        root: Path,
+        users: int,
+        connection: str = "loopback",
+        node_env: dict[int, dict[str, str]] | None = None,
+    ) -> None:
+        """``node_env``: extra environment variables of some users' SuperNodes (and so of the
+        ClientApps they run)."""
         self.root, self.connection = root, connection
+        self.node_env = node_env or {}
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -299,10 +308,10 @@ class LoopbackFederation:
         for user in range(users):
             self.start_node(user)
 
-    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], name: str, extra: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen(
             cmd,
-            env=self.env,
+            env={**self.env, **(extra or {})},
             stdout=open(self.logs / f"{name}.log", "a"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -316,7 +325,7 @@ class LoopbackFederation:
     def start_node(self, user: int) -> None:
         cmd = supernode_command(self.port, user, self.partitions)
         cmd[-1] += f" state-dir='{self.root / f'node-{user}'}'"
-        self.nodes[user] = self._spawn(cmd, f"supernode-{user}")
+        self.nodes[user] = self._spawn(cmd, f"supernode-{user}", self.node_env.get(user))
 
     def helpers(self, pid: int) -> list[int]:
         """The processes ``pid`` started (SuperExec helpers, the ServerApps and ClientApps
