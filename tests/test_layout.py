@@ -21,9 +21,11 @@ LAYERS: dict[str, int] = {
     "dpfl.config": 2,
     "dpfl.loop": 2,
     "dpfl.data": 2,
-    # 3: engines, the Flower strategy, its node discovery and the nodes' own state
+    # 3: engines, the Flower strategy, its node discovery, the nodes' own state, and secure
+    # aggregation (flwr's SecAgg+ driven for distributed DP)
     "dpfl.engines": 3,
     "dpfl.flower.strategy": 3,
+    "dpfl.flower.secagg": 3,
     "dpfl.flower.nodes": 3,
     "dpfl.flower.node_state": 3,
     # 4: the edges, where names become objects: recipes (the resolver), the Flower apps, the

@@ -24,6 +24,11 @@ server-optimizer = "adam"
 server-lr = 0.01
 eval-every = 5
 checkpoint-every = 5
+# "distributed": each client adds its share of the noise and the server learns only the sum
+# (SecAgg+ under Flower); every released sum carries >= min-contributors shares (0: half the cohort)
+dp-mode = "central"
+sum-bits = 20
+min-contributors = 0
 """
 
 PYPROJECT = """# A dpfl app for Flower: `flwr run . <connection>` runs dpfl's ServerApp and

@@ -14,6 +14,7 @@ from dpfl.config import RunConfig
 from dpfl.privacy.accounting import (
     ACCOUNTANTS,
     ADJACENCY,
+    CALIBRATION_RANGE,
     SAMPLING,
     Segment,
     calibrate_noise_multiplier,
@@ -125,6 +126,14 @@ def encoding_for(cfg: RunConfig, dim: int, noise_multiplier: float) -> EncodingP
         raise ValueError(f"config key sum-bits: {err}") from None
 
 
+def _fits(cfg: RunConfig, dim: int, z: float) -> bool:
+    try:
+        encoding_for(cfg, dim, z)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_distributed(cfg: RunConfig, dim: int) -> NoisePlan:
     """Distributed DP's noise: z as given, or calibrated for target-epsilon with the Skellam
     accountant (whose sensitivities depend on z through the encoding's scale)."""
@@ -140,14 +149,33 @@ def resolve_distributed(cfg: RunConfig, dim: int) -> NoisePlan:
             plan = encoding_for(cfg, dim, z)
             return Segment(z, q, rounds, plan.l2, plan.l1)
 
-        z = calibrate_noise_multiplier(
-            cfg.target_epsilon,
-            cfg.resolved_delta,
-            cfg.sample_rate,
-            cfg.rounds,
-            "rdp",
-            segment=segment,
-        )
+        # b bits carry only so much noise (the rounding's share of it does not shrink with the
+        # scale): search below the largest z any scale fits
+        bottom, top = CALIBRATION_RANGE
+        if not _fits(cfg, dim, top):
+            lo, hi = bottom, top
+            if not _fits(cfg, dim, lo):
+                encoding_for(cfg, dim, lo)  # raises, naming sum-bits
+            while hi / lo > 1 + 1e-6:
+                mid = math.sqrt(lo * hi)
+                lo, hi = (mid, hi) if _fits(cfg, dim, mid) else (lo, mid)
+            top = lo
+        try:
+            z = calibrate_noise_multiplier(
+                cfg.target_epsilon,
+                cfg.resolved_delta,
+                cfg.sample_rate,
+                cfg.rounds,
+                "rdp",
+                segment=segment,
+                search_range=(bottom, top),
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"config key sum-bits = {cfg.sum_bits}: target-epsilon {cfg.target_epsilon:g} "
+                f"needs more noise than {cfg.sum_bits}-bit sums carry (at most z = {top:.4g} "
+                f"here): use more bits or a larger target ({err})"
+            ) from None
         calibrated = True
     return NoisePlan(z, calibrated, encoding=encoding_for(cfg, dim, z).to_dict())
 

@@ -1,4 +1,5 @@
-"""User-level differential privacy: clipping, the Gaussian mechanism, accounting.
+"""User-level differential privacy: clipping, the Gaussian mechanism, accounting, and the
+clients' integer encoding with Skellam noise shares for distributed DP (:mod:`.distributed`).
 
 Pure functions and small classes over torch tensors; nothing here imports Flower.
 """

@@ -26,6 +26,12 @@ to RDP and say so in :attr:`EpsilonResult.note`, when
   ``PLD_DISCRETIZATION``). At the paper's q = 0.0295 and T = 2000 this refuses PRV below z ~ 0.46
   and PLD below z ~ 0.14. Measured here: those limits keep each call under about 2 s and 1 GB.
 
+Distributed DP's rounds (each client adds a Skellam share to an integer encoding) are a Skellam
+mechanism: a :class:`Segment` with ``skellam_l2`` > 0. Neither library has that event, so its RDP
+bound (Agarwal et al. 2021) and the general Poisson-subsampling bound (Zhu and Wang 2019) are
+written by hand in :mod:`dpfl.privacy.accounting.skellam`; RDP composes them with the Gaussian's
+at integer orders, and PRV and PLD refuse them (RDP with a note when falling back).
+
 RDP itself reports epsilon as unbounded (inf, a valid upper bound) below z = 1e-4, where epsilon
 exceeds 1e11 and Opacus' fractional-order series slows down and, near z = 1e-154, never ends.
 PRV's bound carries an absolute slack of ``PRV_EPS_ERROR`` (0.01), which matters at small epsilon.

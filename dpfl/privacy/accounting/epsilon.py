@@ -100,6 +100,7 @@ def calibrate_noise_multiplier(
     *,
     rel_tol: float = 0.005,
     segment=None,
+    search_range: tuple[float, float] = CALIBRATION_RANGE,
 ) -> float:
     """The smallest noise multiplier (to within the search's precision) whose epsilon after
     ``rounds`` rounds at ``delta`` is at most ``target_epsilon``.
@@ -108,7 +109,8 @@ def calibrate_noise_multiplier(
     a relative precision of 1e-6 where epsilon jumps, as PLD's discretised bound can).
     ``segment(z, q, rounds)``: the rounds' :class:`Segment` at z (default: the Gaussian's; the
     distributed mode's Skellam sensitivities depend on z through its encoding).
-    z is searched in ``CALIBRATION_RANGE`` (PRV/PLD: from their minimum z). A target outside what
+    z is searched in ``search_range`` (default ``CALIBRATION_RANGE``; PRV/PLD: from their
+    minimum z). A target outside what
     that range reaches raises ValueError naming the range; a target that PRV/PLD could only meet
     with a z they refuse raises :class:`AccountantRangeError`.
     """
@@ -139,9 +141,9 @@ def calibrate_noise_multiplier(
     def meets(e: float | None) -> bool:
         return e is not None and e <= target
 
-    bottom, top = CALIBRATION_RANGE
+    bottom, top = search_range
     if not chosen.may_refuse or segment is not None:
-        start, factor = 1.0, 4.0
+        start, factor = min(max(1.0, bottom), top), 4.0
     else:
         # RDP's answer is close to PRV/PLD's (theirs is smaller, up to PRV's 0.01 slack).
         bottom = max(bottom, chosen.min_noise_multiplier)
