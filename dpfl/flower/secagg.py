@@ -190,8 +190,8 @@ def pop_plan(values: dict) -> EncodingPlan | None:
 def check_plan(plan: EncodingPlan, cfg, dim: int) -> None:
     """A client's checks of the plan the server sent against the run config and its own model
     (ValueError): the bound it clips to, the bits, the threshold its noise share is cut for, the
-    integer sensitivities (recomputed here), and a given noise multiplier. A calibrated z is
-    taken from the server, which is trusted to follow the protocol (honest-but-curious)."""
+    integer sensitivities (recomputed here), and the noise: a given noise multiplier exactly,
+    a calibrated one by the epsilon the planned rounds would spend at it (at most the target)."""
     from dpfl.privacy.clipping import sensitivity_bound
     from dpfl.privacy.distributed import padded_dim, rounded_l2_bound
 
@@ -209,6 +209,13 @@ def check_plan(plan: EncodingPlan, cfg, dim: int) -> None:
         or math.isclose(plan.noise_multiplier, cfg.noise_multiplier),
         "noise": plan.noise_multiplier > 0,
     }
+    if cfg.noise_multiplier == 0 and cfg.target_epsilon > 0 and all(problems.values()):
+        # a calibrated z: the client checks that it spends no more than the run's target
+        from dpfl.privacy.accounting import Segment, epsilon_for_segments
+
+        segment = Segment(plan.noise_multiplier, cfg.sample_rate, cfg.rounds, plan.l2, plan.l1)
+        spent = epsilon_for_segments([segment], cfg.resolved_delta).epsilon
+        problems["noise for target-epsilon"] = spent <= cfg.target_epsilon * (1 + 1e-9)
     wrong = [name for name, ok in problems.items() if not ok]
     if wrong:
         raise ValueError(

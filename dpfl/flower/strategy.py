@@ -9,6 +9,10 @@ are :class:`dpfl.loop.run.FederatedRun`'s, shared with the simulator.
 
 ``aggregate_train`` returns no arrays: the new global model comes from the server step
 (noise + server optimizer), which runs once the round's replies are in.
+
+With ``dp-mode = "distributed"`` a round is a SecAgg+ round instead (:meth:`collect_secure`,
+:mod:`dpfl.flower.secagg`): the sampled nodes mask their noised integer encodings and the server
+learns only their sum, which the same loop decodes.
 """
 
 from __future__ import annotations

@@ -54,8 +54,15 @@ def test_too_many_bits_for_secaggplus_masks_are_refused():
 
 def plan_for(**over):
     cfg = RunConfig.from_mapping(
-        {"population": 10, "cohort-size": 5.0, "noise-multiplier": 0.8, "target-epsilon": 0.0,
-         "dp-mode": "distributed", "min-contributors": 3, **over}  # fmt: skip
+        {
+            "population": 10,
+            "cohort-size": 5.0,
+            "noise-multiplier": 0.8,
+            "target-epsilon": 0.0,
+            "dp-mode": "distributed",
+            "min-contributors": 3,
+            **over,
+        }  # fmt: skip
     )
     return cfg, server_spec(cfg, resolve_noise(cfg, 100)).encoding
 
@@ -75,3 +82,12 @@ def test_the_plan_travels_in_the_config_and_clients_check_it():
             check_plan(wrong, cfg, 100)
     with pytest.raises(ValueError, match="update size"):
         check_plan(plan, cfg, 99)
+
+
+def test_a_client_refuses_a_calibrated_plan_that_would_overspend():
+    cfg, plan = plan_for(**{"noise-multiplier": 0.0, "target-epsilon": 4.0, "rounds": 5})
+    check_plan(plan, cfg, 100)  # the server's calibration: within the target
+    with pytest.raises(ValueError, match="noise for target-epsilon"):
+        check_plan(
+            dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier * 0.8), cfg, 100
+        )

@@ -15,6 +15,7 @@ from dpfl.privacy.accounting import Segment, epsilon_for_segments
 from dpfl.privacy.distributed import WrapError, encode_update, rotation_signs, rounded_l2_bound
 from dpfl.server.round import ServerState
 from dpfl.simulation import simulate
+from dpfl.tools.report import statement_lines
 
 BASE = {
     "population": 60, "cohort-size": 12, "rounds": 6, "examples-per-user": 20,
@@ -44,6 +45,9 @@ def test_a_distributed_run_learns_and_is_accounted_as_skellam(tmp_path):
     expected = epsilon_for_segments([segment], 1e-4).epsilon
     assert p["epsilon"]["rdp"]["epsilon"] == pytest.approx(expected)
     assert summary["final"]["accuracy"] > summary["initial"]["accuracy"] + 0.05  # 0.087 -> 0.2
+    # the report states the threat model, the encoding and the wrap bound
+    text = "\n".join(statement_lines({}, summary))
+    assert "distributed DP" in text and "20-bit" in text and "wrap bound 1e-09" in text
     assert all(r["noise_std_sum"] > 0 for r in rows if "discarded" not in r)
 
 
