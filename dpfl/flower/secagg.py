@@ -59,8 +59,8 @@ from dpfl.privacy.distributed import EncodingPlan
 
 log = logging.getLogger(__name__)
 
-MAX_MODULUS_BITS = 32
-"""SecAgg+'s masks are drawn below 2^32 (flwr's documented limit for modulus_range)."""
+MAX_MODULUS_BITS = 31
+"""flwr documents modulus_range as "less than 4294967296": the largest power of two is 2^31."""
 
 
 def ranges(bits: int, cohort: int) -> tuple[float, int, int]:
@@ -72,7 +72,7 @@ def ranges(bits: int, cohort: int) -> tuple[float, int, int]:
     if modulus_bits > MAX_MODULUS_BITS:
         raise ValueError(
             f"sum-bits = {bits} with a cohort of {cohort} needs SecAgg+ masks modulo "
-            f"2^{modulus_bits}, above its 2^{MAX_MODULUS_BITS}: use fewer sum-bits"
+            f"2^{modulus_bits}, above its limit 2^{MAX_MODULUS_BITS}: use fewer sum-bits"
         )
     return clipping, quantisation, 1 << modulus_bits
 

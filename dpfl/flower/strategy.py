@@ -35,7 +35,7 @@ from dpfl.flower.nodes import (  # noqa: F401 (discover_users, load_node_registr
     discover_users,
     load_node_registry,
 )
-from dpfl.flower.secagg import plan_config, secure_sum
+from dpfl.flower.secagg import plan_config, ranges, secure_sum
 from dpfl.loop.layer_shares import LayerShares
 from dpfl.server.aggregate import RoundAggregator
 
@@ -416,6 +416,12 @@ class DPFedAvg(Strategy):
         self.cfg = run.cfg
         self.name_users = run.name_users
         self._run = run
+        if run.spec.encoding is not None:  # SecAgg+'s masks must hold the largest cohort's sum
+            try:
+                ranges(run.spec.encoding.bits, run.spec.encoding.max_cohort)
+            except ValueError:
+                run.writer.close()
+                raise
         summary = run.run(self.collector(grid), collect_eval=self.eval_collector(grid))
         result = Result()
         result.arrays = ArrayRecord(run.state.weights())
