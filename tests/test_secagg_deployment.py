@@ -34,6 +34,7 @@ VALUES = {
     "noise-seed": 5,  # reproducible (INSECURE) integer noise: the simulator draws the same
     "sampling-seed": 1,
     "round-timeout": 120.0,
+    "diagnostics": True,  # the exact contributions per round (diag_*) are checked below
 }
 
 
@@ -52,7 +53,10 @@ def test_secagg_rounds_complete_when_a_node_exits_at_unmask(tmp_path):
     app = exit_app(tmp_path / "app")
     run_dir = tmp_path / "deployed"
     fed = LoopbackFederation(
-        tmp_path / "fed", USERS, node_env={2: {"DPFL_TEST_EXIT_AT_UNMASK": "1"}}
+        tmp_path / "fed",
+        USERS,
+        node_env={2: {"DPFL_TEST_EXIT_AT_UNMASK": "1"}},
+        node_config="allow-reproducible-noise=true",  # each node's operator opts in to noise-seed
     )
     try:
         result = flwr_run(
@@ -80,7 +84,9 @@ def test_secagg_rounds_complete_when_a_node_exits_at_unmask(tmp_path):
     )
     plan = EncodingPlan(**json.loads((run_dir / "config.json").read_text())["encoding"])
     for r in rounds:  # all five masked vectors are in each sum, with their noise shares
-        assert r["noise_std_sum"] == pytest.approx(plan.noise_std_float(5))
+        assert r["diag_accepted"] == 5
+        assert r["diag_noise_std_sum"] == pytest.approx(plan.noise_std_float(5))
+        assert r["noise_std_sum"] == pytest.approx(plan.noise_std_float(3))  # the public floor
 
     # the same run in the simulator: the same cohorts, updates and integer noise
     sim_dir = tmp_path / "simulated"

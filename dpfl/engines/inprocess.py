@@ -23,7 +23,7 @@ from dpfl.config import RunConfig
 from dpfl.engines import torchrun as distributed
 from dpfl.loop.layer_shares import LayerShares
 from dpfl.loop.run import FederatedRun, client_seed, local_config
-from dpfl.privacy.distributed import encode_update
+from dpfl.privacy.distributed import UpdateRefused, encode_update
 from dpfl.privacy.stacked import stacked_norms
 from dpfl.profiling import section
 from dpfl.server.aggregate import EventLog, RoundAggregator
@@ -95,9 +95,10 @@ def run_in_process(
                 round_number,
                 user,
                 spec.noise_seed,
+                agg.noise_nonce,
                 reduce=False,
             )
-        except ValueError as err:  # above the clip bound, or not finite: never encoded
+        except UpdateRefused as err:  # above the clip bound, or not finite: never encoded
             agg.reject(str(err))
             return False
         agg.add_encoded(np.mod(values, spec.encoding.modulus), values)

@@ -39,15 +39,25 @@ from dpfl.client.train import (
 from dpfl.config import ALIASES, RunConfig
 from dpfl.flower.node_state import STATE_DIR_KEY, NodeStore, RunMark, default_state_dir
 from dpfl.flower.nodes import USER_KEY
-from dpfl.flower.secagg import check_plan, legacy_fit, legacy_reply, pop_plan, secagg_mod
+from dpfl.flower.secagg import (
+    ALLOW_REPRODUCIBLE_KEY,
+    NONCE_KEY,
+    check_plan,
+    legacy_fit,
+    legacy_reply,
+    pop_plan,
+    secagg_mod,
+    secagg_threshold,
+)
 from dpfl.loop.run import client_seed, local_config, pick_device
 from dpfl.privacy.distributed import encode_update
 
 PRIVATE_KEY = "dpfl-private-parameters"
 FLOWER_NODE_KEYS = frozenset({USER_KEY, "num-partitions"})
 """Node-config keys Flower itself uses (the simulation engine sets both)."""
-NODE_ONLY_KEYS = frozenset({STATE_DIR_KEY})
-"""Node-config keys of the node alone (where it keeps its state between rounds and runs)."""
+NODE_ONLY_KEYS = frozenset({STATE_DIR_KEY, ALLOW_REPRODUCIBLE_KEY})
+"""Node-config keys of the node alone: where it keeps its state between rounds and runs, and
+whether it accepts the server's noise-seed for its distributed-DP noise (experiments only)."""
 NODE_KEYS = (
     "device",
     "precision",
@@ -285,14 +295,23 @@ def handle_secure_train(
     private: dict[str, torch.Tensor] | None = None,
     task=None,
     data=None,
+    threshold: int | None = None,
 ):
     """Distributed DP's client step inside SecAgg+'s masked-vector stage: train, clip, and
-    encode the delta as integers modulo 2^b with this client's noise share (the plan the
-    server sent is checked first). Returns (encoding, private)."""
+    encode the delta as integers modulo 2^b with this client's noise share. Checked first: the
+    plan the server sent, SecAgg+'s ``threshold`` (at least min-contributors), and that a
+    server's noise-seed is used only where the node's operator allowed it.
+    Returns (encoding, private)."""
     values = dict(values)
     plan = pop_plan(values)
+    nonce = int(values.pop(NONCE_KEY, 0))
     if plan is None:
         raise ValueError("a SecAgg+ round without an encoding plan")
+    if threshold is not None and threshold < plan.min_contributors:
+        raise ValueError(
+            f"SecAgg+'s reconstruction threshold {threshold} is below min-contributors "
+            f"{plan.min_contributors}: a sum with fewer noise shares could be unmasked; refused"
+        )
     round_number = int(values["server-round"])
     probe = {k: v for k, v in values.items() if k != "server-round"}
     cfg = node_run_config(RunConfig.from_mapping(probe), node_config)
@@ -306,15 +325,18 @@ def handle_secure_train(
         raise ValueError(f"{len(arrays)} arrays for a model of {len(names)} tensors")
     weights = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, arrays, strict=True)}
     check_plan(plan, cfg, sum(w.numel() for w in weights.values()))
+    noise_seed = cfg.noise_seed if cfg.noise_seed >= 0 else None
+    if noise_seed is not None and str(node_config.get(ALLOW_REPRODUCIBLE_KEY, "")).lower() not in (
+        "1",
+        "true",
+    ):
+        raise ValueError(
+            "the server asks for reproducible noise (noise-seed), which lets it recompute this "
+            f"node's noise share; refused unless the node sets {ALLOW_REPRODUCIBLE_KEY}=true "
+            "in its own node config (experiments only)"
+        )
     delta, _, kept = handle_train(values, weights, node_config, private, task=task, data=data)
-    encoded = encode_update(
-        delta,
-        plan,
-        cfg.seed,
-        round_number,
-        user,
-        cfg.noise_seed if cfg.noise_seed >= 0 else None,
-    )
+    encoded = encode_update(delta, plan, cfg.seed, round_number, user, noise_seed, nonce)
     return encoded, kept
 
 
@@ -338,7 +360,13 @@ def make_client_app(task=None, data=None, mods=None) -> ClientApp:
             round_number = int(values["server-round"])
             store, stored = _kept_state(values, context, before=round_number)
             encoded, private = handle_secure_train(
-                values, arrays, dict(context.node_config), stored, task=task, data=data
+                values,
+                arrays,
+                dict(context.node_config),
+                stored,
+                task=task,
+                data=data,
+                threshold=secagg_threshold(context),
             )
             if private and store is not None:
                 store.save(round_number, private)

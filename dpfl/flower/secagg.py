@@ -42,7 +42,10 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+)
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
@@ -173,6 +176,21 @@ def secure_sum(
 
 
 ENCODING_PREFIX = "dpfl-encoding."
+NONCE_KEY = "dpfl-noise-nonce"
+"""The attempt's key for reproducible client noise (0 and unused in secure mode)."""
+ALLOW_REPRODUCIBLE_KEY = "allow-reproducible-noise"
+"""Node-config key: a node draws its noise share from the server's noise-seed only if its own
+operator allows it (reproducible mode is for experiments: the server can then recompute every
+share, which voids the distributed guarantee)."""
+
+
+def secagg_threshold(context: Context) -> int | None:
+    """The reconstruction threshold of this node's current SecAgg+ round (from secaggplus_mod's
+    state, saved at its setup stage), or None."""
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if state is None or "threshold" not in state:
+        return None
+    return int(state["threshold"])
 
 
 def plan_config(plan: EncodingPlan) -> dict:
@@ -213,7 +231,8 @@ def check_plan(plan: EncodingPlan, cfg, dim: int) -> None:
         # a calibrated z: the client checks that it spends no more than the run's target
         from dpfl.privacy.accounting import Segment, epsilon_for_segments
 
-        segment = Segment(plan.noise_multiplier, cfg.sample_rate, cfg.rounds, plan.l2, plan.l1)
+        rounds = plan.calibrated_rounds or cfg.rounds  # an extension keeps the calibrated z
+        segment = Segment(plan.noise_multiplier, cfg.sample_rate, rounds, plan.l2, plan.l1)
         spent = epsilon_for_segments([segment], cfg.resolved_delta).epsilon
         problems["noise for target-epsilon"] = spent <= cfg.target_epsilon * (1 + 1e-9)
     wrong = [name for name, ok in problems.items() if not ok]

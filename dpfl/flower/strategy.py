@@ -35,7 +35,7 @@ from dpfl.flower.nodes import (  # noqa: F401 (discover_users, load_node_registr
     discover_users,
     load_node_registry,
 )
-from dpfl.flower.secagg import plan_config, ranges, secure_sum
+from dpfl.flower.secagg import NONCE_KEY, plan_config, ranges, secure_sum
 from dpfl.loop.layer_shares import LayerShares
 from dpfl.server.aggregate import RoundAggregator
 
@@ -330,6 +330,7 @@ class DPFedAvg(Strategy):
             **values,
             **self.run_mark(round_number),
             **plan_config(plan),
+            NONCE_KEY: agg.noise_nonce,
             "server-round": round_number,
         }
         total, contributors, failed = secure_sum(

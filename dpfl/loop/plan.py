@@ -6,6 +6,7 @@ Shared by the simulator and the Flower ServerApp through :class:`dpfl.loop.run.F
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ THREAT_MODEL_DISTRIBUTED = (
     "each round a user took part in is worth epsilon_per_round_unsampled. Not covered: diag_* "
     "metrics and the wall-clock time of rounds."
 )
+ADJACENCY_DISTRIBUTED = "zero-out one user (its update replaced by zeros, its noise share kept)"
 DISTRIBUTED_CHECKS = {
     "moved_to_the_client": (
         "clipping (the server cannot see an update's norm), the rounding bound and the noise "
@@ -62,12 +64,15 @@ DISTRIBUTED_CHECKS = {
         "loudly)"
     ),
     "adjacency": (
-        "add/remove one user's clipped update, with the noise on the sum accounted as the "
-        "Skellam noise of min-contributors shares (as Kairouz, Liu, Steinke 2021 and Agarwal, "
-        "Kairouz, Liu 2021 account it). The noise grows with the number of contributions, "
-        "which SecAgg's server knows; what that number reveals to others is not accounted (it "
-        "is treated as public), nor is whether a round was released (a cohort smaller than "
-        "min-contributors: probability released_below_threshold_probability per round)"
+        "zero-out one user: the user's clipped update replaced by zeros while its device still "
+        "adds its noise share, so the two sums differ by one encoding under the same Skellam "
+        "noise of at least min-contributors shares (the adjacency under which Kairouz, Liu, "
+        "Steinke 2021 and Agarwal, Kairouz, Liu 2021 account distributed noise). Under "
+        "add/remove the user's share would leave with it, changing the noise's variance, which "
+        "this accounting does not cover; nor does it cover what the number of contributions "
+        "(known to SecAgg's server) or whether a round was released reveals (a round is not "
+        "released with fewer than min-contributors contributions: probability "
+        "released_below_threshold_probability per round)"
     ),
     "known_limits": (
         "Flower 1.42's SecAgg+ expands its mask seeds with NumPy's MT19937 seeded by a 32-bit "
@@ -177,7 +182,10 @@ def resolve_distributed(cfg: RunConfig, dim: int) -> NoisePlan:
                 f"here): use more bits or a larger target ({err})"
             ) from None
         calibrated = True
-    return NoisePlan(z, calibrated, encoding=encoding_for(cfg, dim, z).to_dict())
+    plan = encoding_for(cfg, dim, z)
+    if calibrated:
+        plan = dataclasses.replace(plan, calibrated_rounds=cfg.rounds)
+    return NoisePlan(z, calibrated, encoding=plan.to_dict())
 
 
 def resolve_noise(cfg: RunConfig, dim: int | None = None) -> NoisePlan:
@@ -306,7 +314,7 @@ def privacy_statement(
             "dp_mode": "distributed" if spec.encoding is not None else "central",
             "threat_model": THREAT_MODEL if spec.encoding is None else THREAT_MODEL_DISTRIBUTED,
             "assumptions": list(ASSUMPTIONS),
-            "adjacency": ADJACENCY,
+            "adjacency": ADJACENCY if spec.encoding is None else ADJACENCY_DISTRIBUTED,
             "sampling": SAMPLING if spec.sampling == "poisson" else "fixed-size cohorts",
             "sample_rate": spec.sample_rate,
             "expected_cohort": spec.expected_cohort,
@@ -374,7 +382,7 @@ def privacy_statement(
     statement["text"] = (
         f"(epsilon, delta) = ({eps:.4g}, {spec.delta:g}){large_delta} under {main['accountant']}, "
         f"Poisson sampling, q={spec.sample_rate:.4g}, T={charged}{why}; user-level DP "
-        f"({ADJACENCY}), clip {spec.clip.scheme} C={spec.clip.clip_norm:g} on the "
+        f"({statement['adjacency']}), clip {spec.clip.scheme} C={spec.clip.clip_norm:g} on the "
         f"{spec.clip_location}, z={spec.noise_multiplier:.4g}{count}; noise: {noise_label}"
         + (f"; cohorts: {sampling_label}" if sampling_label else "")
         + (
@@ -388,7 +396,10 @@ def privacy_statement(
         plan = spec.encoding
         statement["text"] += (
             f"; distributed DP: each client adds Skellam noise to a {plan.bits}-bit encoding, "
-            f"at least {plan.min_contributors} contributions per released sum, the server "
-            "sees only the sum (secure aggregation under Flower)"
+            f"at least {plan.min_contributors} contributions per released sum (a round is not "
+            f"released with fewer: probability "
+            f"{statement['distributed']['released_below_threshold_probability']:.2g} per "
+            "round, not accounted), the server sees only the sum (secure aggregation under "
+            f"Flower); adjacency: {ADJACENCY_DISTRIBUTED}"
         )
     return statement

@@ -118,6 +118,8 @@ class EncodingPlan:
     """Delta_1 = min(Delta_2^2, sqrt(d') Delta_2)."""
     wrap_probability: float
     """The per-round bound on the chance of a wrap this plan gives."""
+    calibrated_rounds: int = 0
+    """The rounds z was calibrated for (target-epsilon); 0 when z was given."""
 
     @property
     def padded(self) -> int:
@@ -256,13 +258,18 @@ def unflatten(vector: torch.Tensor, like: dict[str, torch.Size]) -> dict[str, to
     return out
 
 
-def client_generator(noise_seed: int | None, round_number: int, user: int) -> np.random.Generator:
+class UpdateRefused(ValueError):
+    """An update a client must not encode: above the clip bound, or not finite."""
+
+
+def client_generator(noise_seed: int | None, nonce: int, user: int) -> np.random.Generator:
     """A client's generator for its rounding and noise share: keyed from the OS (secure), or in
-    reproducible mode from (noise-seed, round, user): INSECURE, anyone with the seed recomputes
-    every share."""
+    reproducible mode from (noise-seed, the attempt's nonce, user): INSECURE, anyone with the seed
+    recomputes every share. The nonce is drawn per attempt from the server's reproducible noise
+    stream, so a retry or a replay after a resume with secret cohorts never reuses a share."""
     if noise_seed is None:
         return CipherStreams.secret().generator(0)
-    return CipherStreams.from_seed(noise_seed, f"client-noise/{round_number}/{user}").generator(0)
+    return CipherStreams.from_seed(noise_seed, f"client-noise/{nonce}/{user}").generator(0)
 
 
 def encode(
@@ -282,7 +289,7 @@ def encode(
         raise ValueError(f"an update of {x.numel()} values for a plan of {plan.dim}")
     norm = float(torch.linalg.vector_norm(x))
     if not math.isfinite(norm) or norm > plan.clip_norm:
-        raise ValueError(
+        raise UpdateRefused(
             f"update norm {norm:.6g} exceeds the clip bound {plan.clip_norm:.6g} (or is not "
             "finite): never encoded"
         )
@@ -312,13 +319,15 @@ def encode_update(
     round_number: int,
     user: int,
     noise_seed: int | None,
+    nonce: int = 0,
     *,
     reduce: bool = True,
 ) -> np.ndarray:
     """A client's step of distributed DP for round ``round_number``: its clipped update (name ->
-    tensor) encoded with the round's public rotation and its own rounding and noise share."""
+    tensor) encoded with the round's public rotation and its own rounding and noise share
+    (``nonce``: the attempt's, for reproducible noise)."""
     signs = rotation_signs(rotation_seed, round_number, plan.padded)
-    generator = client_generator(noise_seed, round_number, user)
+    generator = client_generator(noise_seed, nonce, user)
     return encode(flatten(update), plan, signs, generator, reduce=reduce)
 
 

@@ -217,6 +217,12 @@ class NoiseSource:
         if self._scratch is not None:
             self._scratch.zero_()
 
+    def nonce(self) -> int:
+        """A fresh value of this source's stream (the index of a stream no draw uses): the
+        distributed clients' reproducible noise is keyed by it, so it repeats exactly where this
+        source's own noise would (a resumed reproducible run) and never elsewhere."""
+        return self._streams.take(1)
+
     def skip_to_fresh_streams(self) -> None:
         """Reproducible sources: jump to streams no earlier draw of this seed can have used
         (a random offset above 2^40 streams), giving up reproducibility from here on."""

@@ -117,6 +117,8 @@ class RoundAggregator:
     events: EventLog = field(default_factory=EventLog)
     modular: ModularSum | None = None
     """Distributed DP: the sum of the clients' encodings modulo 2^b (``total`` stays None)."""
+    noise_nonce: int = 0
+    """Distributed DP, reproducible mode: this attempt's key for the clients' noise shares."""
 
     def add_encoded(self, encoded, unreduced=None) -> None:
         """Add one client's encoding (int64 modulo 2^b, its noise share in it), as secure
@@ -258,6 +260,9 @@ class RoundAggregator:
         }
         if self.rejected:
             out["diag_rejected_reasons"] = dict(self.rejected)
+        if self.spec.encoding is not None and self.accepted:
+            # the noise the sum actually carries: one share per contribution
+            out["diag_noise_std_sum"] = self.spec.encoding.noise_std_float(self.accepted)
         return out
 
 

@@ -96,7 +96,10 @@ class ServerState:
         return {n: p.detach().clone() for n, p in self.params.items()}
 
     def begin_round(self) -> RoundAggregator:
-        return RoundAggregator(self.shapes, self.spec, events=self.events)
+        agg = RoundAggregator(self.shapes, self.spec, events=self.events)
+        if self.spec.encoding is not None and not self.noise.secure:
+            agg.noise_nonce = self.noise.nonce()  # the clients' reproducible shares, per attempt
+        return agg
 
     def decide(self, agg: RoundAggregator, min_replies: int) -> Decision:
         """Whether the attempt just collected has enough accepted replies to be applied.
@@ -228,7 +231,7 @@ class ServerState:
                         p.grad = -average[n].to(p.dtype)
                 self.optimizer.step()
         self.schedule.step()
-        std = self._noise_std(agg)
+        std = self._noise_std()
         metrics: dict[str, float] = {
             "round": self.round,
             "noise_std_sum": std,
@@ -243,11 +246,13 @@ class ServerState:
         metrics.update(self._privacy_metrics(agg))
         return metrics
 
-    def _noise_std(self, agg: RoundAggregator) -> float:
-        """The noise std per coordinate of the (decoded) sum: z*C centrally; distributed, that
-        of the contributions' shares (the number of contributors is the server's to know)."""
+    def _noise_std(self) -> float:
+        """The noise std per coordinate of the (decoded) sum that the accounting assumes: z*C
+        centrally; distributed, that of min-contributors shares (the sum carries at least that;
+        what it carries depends on the exact number of contributions, a per-user fact:
+        ``diag_noise_std_sum``)."""
         if self.spec.encoding is not None:
-            return self.spec.encoding.noise_std_float(agg.accepted)
+            return self.spec.encoding.noise_std_float(self.spec.encoding.min_contributors)
         return self.mechanism.std if self.spec.dp else 0.0
 
     # --- checkpoints ----------------------------------------------------------------------

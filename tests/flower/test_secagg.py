@@ -91,3 +91,40 @@ def test_a_client_refuses_a_calibrated_plan_that_would_overspend():
         check_plan(
             dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier * 0.8), cfg, 100
         )
+
+
+def secure_message(cfg, plan, **extra):
+    """A legacy FitIns as SecAgg+'s masked-vector stage delivers it: the model's arrays and the
+    run config with the plan."""
+    from dpfl import recipes
+
+    model = recipes.build_task(cfg).build_model()
+    arrays = [p.detach().numpy() for p in model.state_dict().values()]
+    values = {**cfg.to_dict(), **plan_config(plan), "server-round": 1, **extra}
+    return arrays, values
+
+
+def test_a_client_refuses_a_threshold_below_min_contributors_and_an_unasked_noise_seed():
+    from dpfl.flower.client_app import handle_secure_train
+
+    cfg, _ = plan_for()
+    dim = sum(
+        p.numel() for p in __import__("dpfl.recipes", fromlist=["x"]).build_task(cfg)
+        .build_model().parameters()
+    )  # fmt: skip
+    plan = server_spec(cfg, resolve_noise(cfg, dim)).encoding
+    arrays, values = secure_message(cfg, plan)
+    node = {"partition-id": 1}
+    with pytest.raises(ValueError, match="reconstruction threshold 2"):
+        handle_secure_train(values, arrays, node, threshold=2)
+    encoded, _ = handle_secure_train(values, arrays, node, threshold=3)
+    assert encoded.shape == (plan.padded,) and 0 <= encoded.min() and encoded.max() < 2**20
+    # reproducible noise only where the node's operator allows it
+    seeded = {**values, "noise-seed": 4, "dpfl-noise-nonce": 9}
+    with pytest.raises(ValueError, match="allow-reproducible-noise"):
+        handle_secure_train(seeded, arrays, node, threshold=3)
+    allowed = {**node, "allow-reproducible-noise": "true"}
+    a, _ = handle_secure_train(seeded, arrays, allowed, threshold=3)
+    b, _ = handle_secure_train(seeded, arrays, allowed, threshold=3)
+    c, _ = handle_secure_train({**seeded, "dpfl-noise-nonce": 10}, arrays, allowed, threshold=3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # keyed by the attempt's nonce

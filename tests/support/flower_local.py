@@ -291,11 +291,14 @@ class LoopbackFederation:
         users: int,
         connection: str = "loopback",
         node_env: dict[int, dict[str, str]] | None = None,
+        node_config: str = "",
     ) -> None:
         """``node_env``: extra environment variables of some users' SuperNodes (and so of the
-        ClientApps they run)."""
+        ClientApps they run); ``node_config``: extra ``key=value`` pairs for every node's
+        ``--node-config``."""
         self.root, self.connection = root, connection
         self.node_env = node_env or {}
+        self.node_config = node_config
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -325,6 +328,8 @@ class LoopbackFederation:
     def start_node(self, user: int) -> None:
         cmd = supernode_command(self.port, user, self.partitions)
         cmd[-1] += f" state-dir='{self.root / f'node-{user}'}'"
+        if self.node_config:
+            cmd[-1] += f" {self.node_config}"
         self.nodes[user] = self._spawn(cmd, f"supernode-{user}", self.node_env.get(user))
 
     def helpers(self, pid: int) -> list[int]:
