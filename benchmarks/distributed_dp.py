@@ -74,6 +74,7 @@ def run_cell(args, name: str, over: dict, seed: int, root: Path) -> dict:
         "classification.examples-per-user": args.examples,
         "seed": seed,
         "sampling-seed": seed,  # the same cohorts in every cell of a seed (the noise is secret)
+        "diagnostics": True,
         "run-dir": str(root / f"{''.join(c if c.isalnum() else '_' for c in name)}-s{seed}"),
         **over,
     }
@@ -92,7 +93,11 @@ def run_cell(args, name: str, over: dict, seed: int, root: Path) -> dict:
         "accuracy": summary["final"]["accuracy"],
         "epsilon": privacy["epsilon"]["rdp"]["epsilon"] if "epsilon" in privacy else math.nan,
         "noise_multiplier": privacy["noise_multiplier"],
-        "noise_std_average": statistics.median(r["noise_std_average"] for r in released)
+        # the noise a released sum carried: every contribution's share (a diagnostic; the
+        # public noise_std_average is the accounted floor of min-contributors shares)
+        "noise_std_average": statistics.median(
+            r.get("diag_noise_std_sum", r["noise_std_sum"]) / args.cohort for r in released
+        )
         if released
         else math.nan,
         "not_released": args.rounds - len(released),
