@@ -34,6 +34,7 @@ Skellam noise, at the largest cohort Poisson sampling gives with probability 1 -
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -79,10 +80,12 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return y.div_(math.sqrt(n))
 
 
+@functools.lru_cache(maxsize=4)
 def rotation_signs(seed: int, round_number: int, n: int) -> torch.Tensor:
     """The round's public random signs D (+-1, float64): the same at every client and the
     server, from the run's public ``seed`` and the round (no secret: the rotation only spreads
-    the norm; the privacy rests on the noise)."""
+    the norm; the privacy rests on the noise). Cached, as every client of a round in one process
+    uses the same signs: read the tensor, never modify it."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 23, int(round_number)])
     return torch.from_numpy(rng.integers(0, 2, n).astype(np.float64) * 2 - 1)
 
@@ -147,18 +150,20 @@ class EncodingPlan:
         return asdict(self)
 
 
-def _tail_terms(scale: float, plan_args: dict, n: int) -> tuple[float, float, float, float]:
+def _tail_terms(
+    scale: float, n: int, dim: int, clip_norm: float, z: float, t: int, target: float
+) -> tuple[float, float, float, float]:
     """(signal, rounding, noise) magnitudes that each coordinate of a sum of ``n`` encodings
     stays within except with the allotted probabilities; and Delta_2 at this scale."""
-    d2 = padded_dim(plan_args["dim"])
-    c = plan_args["clip_norm"]
-    p_each = (plan_args["target"] - COHORT_TAIL) / (2 * d2)
+    d2 = padded_dim(dim)
+    c = clip_norm
+    p_each = (target - COHORT_TAIL) / (2 * d2)
     log_term = math.log(2 / p_each)
     # rotated sum: sub-Gaussian with variance proxy (s n C)^2 / d'
     signal = scale * n * c * math.sqrt(2 * log_term / d2)
     rounding = float(n)  # each rounding moves a coordinate by < 1
     l2 = rounded_l2_bound(scale * c, d2)
-    variance = n * (plan_args["z"] * l2) ** 2 / plan_args["t"]
+    variance = n * (z * l2) ** 2 / t
     # Bernstein for a sum of centred Poisson variables: P(|X| >= u) <= 2 exp(-u^2 / 2(V + u/3))
     noise = log_term / 3 + math.sqrt(log_term**2 / 9 + 2 * variance * log_term)
     return signal, rounding, noise, l2
@@ -189,17 +194,12 @@ def plan_encoding(
         )
     if not clip_norm > 0 or not noise_multiplier > 0:
         raise ValueError("distributed DP needs clip-norm > 0 and a noise multiplier > 0")
-    args = {
-        "dim": dim,
-        "clip_norm": clip_norm,
-        "z": noise_multiplier,
-        "t": min_contributors,
-        "target": target,
-    }
     half = (1 << (bits - 1)) - 1
 
     def fits(s: float) -> bool:
-        signal, rounding, noise, _ = _tail_terms(s, args, max_cohort)
+        signal, rounding, noise, _ = _tail_terms(
+            s, max_cohort, dim, clip_norm, noise_multiplier, min_contributors, target
+        )
         return signal + rounding + noise <= half
 
     lo, hi = 0.0, 1.0
@@ -388,14 +388,15 @@ def near_boundary(values: np.ndarray, bits: int, zone: float = BOUNDARY_ZONE) ->
 def boundary_limit(plan: EncodingPlan, contributors: int) -> int:
     """The most near-boundary coordinates a sum may have before its round is failed: 1 plus ten
     times the expected count under the plan's tail bounds."""
-    args = {
-        "dim": plan.dim,
-        "clip_norm": plan.clip_norm,
-        "z": plan.noise_multiplier,
-        "t": plan.min_contributors,
-        "target": plan.wrap_probability,
-    }
-    signal, rounding, noise, _ = _tail_terms(plan.scale, args, max(contributors, 1))
+    signal, rounding, noise, _ = _tail_terms(
+        plan.scale,
+        max(contributors, 1),
+        plan.dim,
+        plan.clip_norm,
+        plan.noise_multiplier,
+        plan.min_contributors,
+        plan.wrap_probability,
+    )
     reach = signal + rounding + noise  # the magnitude each coordinate exceeds w.p. <= p_each
     zone = BOUNDARY_ZONE * ((1 << (plan.bits - 1)) - 1)
     # the tails decay at least like exp(-u^2): scale the per-coordinate chance to the zone

@@ -59,10 +59,10 @@ def test_encode_sum_decode_is_the_float_sum_within_the_quantisation(d, n, bits, 
 
 def test_the_scale_is_the_largest_that_keeps_the_stated_wrap_bound():
     plan = D.plan_encoding(3000, 0.5, 1.2, 16, 5, 30)
-    args = {"dim": 3000, "clip_norm": 0.5, "z": 1.2, "t": 5, "target": D.WRAP_PROBABILITY}
+    args = (30, 3000, 0.5, 1.2, 5, D.WRAP_PROBABILITY)
     half = (1 << 15) - 1
-    assert sum(D._tail_terms(plan.scale, args, 30)[:3]) <= half
-    assert sum(D._tail_terms(plan.scale * 1.001, args, 30)[:3]) > half
+    assert sum(D._tail_terms(plan.scale, *args)[:3]) <= half
+    assert sum(D._tail_terms(plan.scale * 1.001, *args)[:3]) > half
     assert plan.wrap_probability == 1e-9
     # conditional rounding: Delta_2 is at least the scaled clip bound, and L1 <= Delta_2^2
     assert plan.l2 >= plan.scale * 0.5 and plan.l1 <= plan.l2**2
