@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 WORKLOAD = {
     "population": 1000,
     "examples-per-user": 50,
@@ -151,6 +153,272 @@ def profile(values: dict) -> str:
     return res.stdout
 
 
+# ---- one client at a time: dpfl's sequential path vs a plain PyTorch loop --------------------
+
+PLAIN_WORKLOADS = {
+    "toy-mlp": {
+        **{k: WORKLOAD[k] for k in ("cohort-size", "batch-size", "client-lr", "clip-norm",
+                                    "noise-multiplier", "server-lr", "seed")},
+        "local-epochs": 1, "local-steps": 0, "eval-every": 1,
+    },
+    "conv-net": {  # examples/digits' CNN on its 8x8 digits, 200 users
+        "cohort-size": 100.0, "batch-size": 8, "client-lr": 0.1, "clip-norm": 0.5,
+        "noise-multiplier": 1.0, "server-lr": 1.0, "seed": 0,
+        "local-epochs": 0, "local-steps": 4, "eval-every": 1000,
+    },
+}  # fmt: skip
+"""The two workloads of the side-by-side: the same cohorts, batches, clipping and server step
+for dpfl (vectorize = off, then on) and the plain loop; the toy evaluates every round, the
+conv net only at the end (its rounds are timed without evaluation)."""
+
+
+def plain_batches(n: int, steps: int, epochs: int, batch: int, shuffle: torch.Generator):
+    """Index batches: ``steps`` batches over reshuffled epochs, or ``epochs`` passes."""
+    done = 0
+    while True:
+        perm = torch.randperm(n, generator=shuffle)
+        for start in range(0, n, batch):
+            yield perm[start : start + batch]
+            done += 1
+            if steps and done == steps:
+                return
+        if not steps and done >= epochs * -(-n // batch):
+            return
+
+
+def plain_round(model, weights, users, cohort, work, noise):
+    """One round of the plain loop: what a researcher writes without a framework."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(w) for w in weights]
+    clip = work["clip-norm"]
+    for u in cohort:
+        x, y = users[u]
+        with torch.no_grad():
+            for p, w in zip(params, weights, strict=True):
+                p.copy_(w)
+        opt = torch.optim.SGD(params, lr=work["client-lr"])
+        shuffle = torch.Generator().manual_seed(int(u))
+        for idx in plain_batches(len(y), work["local-steps"], work["local-epochs"],
+                                 work["batch-size"], shuffle):  # fmt: skip
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            delta = [p - w for p, w in zip(params, weights, strict=True)]
+            norm = torch.linalg.vector_norm(torch.stack([d.norm() for d in delta]))
+            scale = min(1.0, clip / max(norm.item(), 1e-12))
+            for t, d in zip(total, delta, strict=True):
+                t.add_(d, alpha=scale)
+    with torch.no_grad():  # the server step, once per round
+        for w, t in zip(weights, total, strict=True):
+            t.add_(torch.randn(t.shape, generator=noise), alpha=work["noise-multiplier"] * clip)
+            w.add_(t, alpha=work["server-lr"] / work["cohort-size"])
+
+
+class PlainDigitsCNN(torch.nn.Module):
+    """examples/digits' DigitsCNN, restated here so the plain loop imports nothing of dpfl's
+    (the example's module imports dpfl); the same layers, names and shapes."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, channels, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels, 2 * channels, 3, padding=1)
+        self.head = torch.nn.Linear(2 * channels * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.head(x.flatten(1))
+
+
+def plain_model(name: str) -> torch.nn.Module:
+    if name == "toy-mlp":
+        return torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+        )
+    return PlainDigitsCNN()
+
+
+def plain_child(spec: dict, step=plain_round) -> list[float]:
+    """Per-round seconds of the plain loop (``step = func_round``: the hand-written torch.func
+    loop); neither imports anything from dpfl."""
+    import numpy as np
+
+    name, work, rounds = spec["workload"], spec["work"], spec["rounds"]
+    saved = torch.load(spec["data"], weights_only=True)
+    users, test = list(zip(saved["x"], saved["y"], strict=True)), saved["test"]
+    torch.manual_seed(work["seed"])
+    model = plain_model(name)
+    weights = [p.detach().clone() for p in model.parameters()]
+    noise = torch.Generator().manual_seed(work["seed"] + 1)
+    q = work["cohort-size"] / len(users)
+    times = []
+    for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([work["seed"], 7, r])
+        cohort = np.flatnonzero(rng.random(len(users)) < q)  # Poisson sampling
+        step(model, weights, users, cohort, work, noise)
+        if r % work["eval-every"] == 0 or r == rounds:
+            with torch.no_grad():
+                for p, w in zip(model.parameters(), weights, strict=True):
+                    p.copy_(w)
+                accuracy = float((model(test[0]).argmax(1) == test[1]).float().mean())
+        times.append(time.perf_counter() - t0)
+    print(f"{step.__name__} accuracy {accuracy:.3f}", file=sys.stderr)
+    return times
+
+
+def export_users(name: str, path: Path) -> None:
+    """The workload's users as in-memory tensors, saved for both sides (dpfl reads them back
+    with from_arrays): the toy's SyntheticClassification users, or examples/digits' 200 users."""
+    import torch
+    from support import ROOT
+
+    if name == "toy-mlp":
+        from dpfl.data import SyntheticClassification
+
+        data = SyntheticClassification(num_users=WORKLOAD["population"],
+                                       examples_per_user=WORKLOAD["examples-per-user"])  # fmt: skip
+    else:
+        sys.path.insert(0, str(ROOT / "examples" / "digits"))
+        import digits
+
+        data = digits.make_data(users=200)
+    per_user = [data.user_data(u).tensors for u in range(data.num_users)]
+    test = data.test_data().tensors
+    torch.save({"x": [t["x"] for t in per_user], "y": [t["y"] for t in per_user],
+                "test": (test["x"], test["y"])}, path)  # fmt: skip
+
+
+def dpfl_child(spec: dict, vectorize: str) -> list[float]:
+    """dpfl's per-round seconds on the same users, through its Python API."""
+    from support import ROOT
+
+    import dpfl
+    from dpfl.data import from_arrays
+
+    name, work = spec["workload"], spec["work"]
+    saved = torch.load(spec["data"], weights_only=True)
+    owner = torch.cat([torch.full((len(y),), u) for u, y in enumerate(saved["y"])])
+    data = from_arrays({"x": torch.cat(saved["x"]), "y": torch.cat(saved["y"])}, users=owner,
+                       test={"x": saved["test"][0], "y": saved["test"][1]})  # fmt: skip
+    if name == "toy-mlp":
+        from dpfl.recipes.classification import ClassificationTask
+
+        task = ClassificationTask(hidden=(64,))
+    else:
+        sys.path.insert(0, str(ROOT / "examples" / "digits"))
+        import digits
+
+        task = digits.DigitsTask()
+    config = {**work, "rounds": spec["rounds"], "vectorize": vectorize, "run-dir": spec["run-dir"],
+              "clip-scheme": "flat", "target-epsilon": 0.0, "client-optimizer": "sgd",
+              "server-optimizer": "sgd", "diagnostics": False}  # fmt: skip
+    result = dpfl.simulate(task, data, config, progress=False, overwrite=True)
+    print(f"dpfl ({vectorize}) accuracy {result['final']['accuracy']:.3f}", file=sys.stderr)
+    return [s / 1000 for s in round_ms(Path(spec["run-dir"]))]
+
+
+def one_by_one(workloads: list[str], rounds: int, repeat: int, tmp: Path) -> dict:
+    """Per workload: median ms/round of the plain loop and of dpfl sequential and vectorised,
+    each run ``repeat`` times in fresh processes, taking turns."""
+    out = {}
+    for name in workloads:
+        data = tmp / f"{name}.pt"
+        export_users(name, data)
+        modes = ("plain", "off", "on", "func")
+        turns: dict[str, list[float]] = {m: [] for m in modes}
+        for i in range(repeat):
+            for mode in modes:
+                spec = {"workload": name, "work": PLAIN_WORKLOADS[name], "rounds": rounds,
+                        "data": str(data), "run-dir": str(tmp / f"{name}-{mode}-{i}")}  # fmt: skip
+                res = subprocess.run(
+                    [sys.executable, __file__, "--child", mode, "--spec", json.dumps(spec)],
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                if res.returncode != 0:
+                    raise SystemExit(f"{name} {mode} failed:\n{res.stderr[-3000:]}")
+                times = json.loads(res.stdout.strip().splitlines()[-1])
+                warm = times[1:-1] if PLAIN_WORKLOADS[name]["eval-every"] > rounds else times[1:]
+                turns[mode].append(statistics.median(warm) * 1000)
+        out[name] = {m: statistics.median(v) for m, v in turns.items()} | {"turns": turns}
+    return out
+
+
+def func_round(model, weights, users, cohort, work, noise):
+    """One round as a hand-written torch.func loop (the vectorised baseline): the cohort's
+    users padded to the largest, each step's batches masked where a user's batch is short."""
+    from torch.func import functional_call, grad, vmap
+
+    names = [n for n, _ in model.named_parameters()]
+    k, clip, batch = len(cohort), work["clip-norm"], work["batch-size"]
+    if k == 0:
+        return
+    xs = [users[u][0] for u in cohort]
+    ys = [users[u][1] for u in cohort]
+    most = max(len(y) for y in ys)
+    x = torch.zeros(k, most, *xs[0].shape[1:])
+    y = torch.zeros(k, most, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(xs, ys, strict=True)):
+        x[i, : len(b)], y[i, : len(b)] = a, b
+    plans = [list(plain_batches(len(b), work["local-steps"], work["local-epochs"], batch,
+                                torch.Generator().manual_seed(int(u))))
+             for u, b in zip(cohort, ys, strict=True)]  # fmt: skip
+
+    def loss(params, xb, yb, mb):
+        out = functional_call(model, dict(zip(names, params, strict=True)), (xb,))
+        each = torch.nn.functional.cross_entropy(out, yb, reduction="none")
+        return (each * mb).sum() / mb.sum()
+
+    grads = vmap(grad(loss))
+    params = [w.expand(k, *w.shape).clone() for w in weights]
+    rows = torch.arange(k)[:, None]
+    for step in range(len(plans[0])):
+        idx = torch.zeros(k, batch, dtype=torch.long)
+        mask = torch.zeros(k, batch)
+        for i, plan in enumerate(plans):
+            idx[i, : len(plan[step])], mask[i, : len(plan[step])] = plan[step], 1.0
+        g = grads(params, x[rows, idx], y[rows, idx], mask)
+        params = [p - work["client-lr"] * gi for p, gi in zip(params, g, strict=True)]
+    with torch.no_grad():
+        delta = [p - w for p, w in zip(params, weights, strict=True)]
+        norms = torch.sqrt(sum(d.reshape(k, -1).pow(2).sum(1) for d in delta))
+        scale = (clip / norms.clamp_min(1e-12)).clamp(max=1.0)
+        for w, d in zip(weights, delta, strict=True):
+            t = (d * scale.view(-1, *[1] * (d.dim() - 1))).sum(0)
+            t.add_(torch.randn(t.shape, generator=noise), alpha=work["noise-multiplier"] * clip)
+            w.add_(t, alpha=work["server-lr"] / work["cohort-size"])
+
+
+def print_one_by_one(args) -> None:
+    names = [n for n in args.one_by_one.split(",") if n]
+    for name in names:
+        if name not in PLAIN_WORKLOADS:
+            known = ", ".join(PLAIN_WORKLOADS)
+            raise SystemExit(f"--one-by-one: unknown workload {name!r} (known: {known})")
+    with tempfile.TemporaryDirectory() as tmp:
+        res = one_by_one(names, args.rounds, args.repeat, Path(tmp))
+    print("\none client at a time vs a plain PyTorch loop: median ms/round of rounds 2.. (round 1")
+    print(f"warms up), each side run {args.repeat} times in fresh processes, taking turns")
+    print(f"{'workload':<10}{'plain loop':>11}{'dpfl seq':>10}{'dpfl vec':>10}{'torch.func':>12}"
+          f"{'seq/plain':>11}{'seq/vec':>9}{'vec/func':>10}")  # fmt: skip
+    for name, r in res.items():
+        print(f"{name:<10}{r['plain']:>11.1f}{r['off']:>10.1f}{r['on']:>10.1f}{r['func']:>12.1f}"
+              f"{r['off'] / r['plain']:>10.2f}x{r['off'] / r['on']:>8.1f}x"
+              f"{r['on'] / r['func']:>9.2f}x")  # fmt: skip
+    for name, r in res.items():
+        seq = r["off"] / r["plain"]
+        print(
+            f"{name}: dpfl sequential / plain loop {seq:.2f}x (target <= 1.15x: "
+            f"{'met' if seq <= 1.15 else 'NOT met'}); turns {json.dumps(r['turns'])}"
+        )
+        if name == "conv-net":
+            vec = r["on"] / r["func"]
+            print(f"conv-net: dpfl vectorised / hand-written torch.func loop {vec:.2f}x (target "
+                  f"<= 1.5x: {'met' if vec <= 1.5 else 'NOT met'}); vectorised speed-up over "
+                  f"sequential {r['off'] / r['on']:.1f}x")  # fmt: skip
+
+
 def ratio_line(what: str, ratio: float, target: float | None = None) -> str:
     line = f"{what}: {ratio:.1f}x"
     if target is not None:
@@ -176,7 +444,27 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print dpfl's per-round time breakdowns"
     )
+    parser.add_argument(
+        "--one-by-one",
+        default="toy-mlp,conv-net",
+        help="workloads of the side-by-side with a plain PyTorch loop ('' skips it)",
+    )
+    parser.add_argument(
+        "--only-one-by-one", action="store_true", help="run that side-by-side alone"
+    )
+    parser.add_argument("--child", choices=("plain", "func", "off", "on"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:  # one measured process of the side-by-side
+        spec = json.loads(args.spec)
+        if args.child in ("plain", "func"):
+            times = plain_child(spec, plain_round if args.child == "plain" else func_round)
+        else:
+            times = dpfl_child(spec, args.child)
+        print(json.dumps(times))
+        return
+    if args.only_one_by_one:
+        return print_one_by_one(args)
     base = {**WORKLOAD, "rounds": args.rounds}
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -280,6 +568,8 @@ def main() -> None:
     for mode, table in profiles.items():
         name = "vectorised" if mode == "on" else "sequential"
         print(f"\nper-round breakdown, dpfl {name} (dpfl simulate --profile):\n{table}", end="")
+    if args.one_by_one:
+        print_one_by_one(args)
     if not args.skip_asr:
         from asr_overhead import run as asr_run
 

@@ -10,6 +10,7 @@ the phase that launched them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -22,6 +23,9 @@ ORDER = (
     "sampling",
     "data",
     "local training",
+    "batch building",
+    "weights in/out",
+    "fwd/bwd/step",
     "clipping",
     "aggregation",
     "noise",
@@ -30,7 +34,11 @@ ORDER = (
     "evaluation",
     "metrics",
 )
-"""The phases of a round, in the order a breakdown lists them (others follow)."""
+"""The phases of a round, in the order a breakdown lists them (others follow). One client's
+local training is split into building its batches (indexing, padding, copies to the device),
+loading the global weights and taking the delta ("weights in/out"), forward, backward and
+optimizer step ("fwd/bwd/step") and clipping; "local training" is what a vectorised cohort
+step does as one computation."""
 
 
 class Profile:
@@ -83,28 +91,39 @@ class Profile:
 
 
 _active: Profile | None = None
+_OFF = contextlib.nullcontext()
 
 
-@contextmanager
-def section(name: str) -> Iterator[None]:
-    """Charge the time of the block to phase ``name`` of the active profile (if any)."""
+def section(name: str):
+    """A context manager charging the time of its block to phase ``name`` of the active profile;
+    without one, a shared no-op (sections sit in every client step: they must cost nothing)."""
     profile = _active
     if profile is None:
-        yield
-        return
-    if profile.open is not None:  # a second count of the same seconds would hide in "other"
-        raise RuntimeError(
-            f"profile section {name!r} inside {profile.open!r}: sections do not nest"
-        )
-    profile.open = name
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
+        return _OFF
+    return _Section(profile, name)
+
+
+class _Section:
+    __slots__ = ("profile", "name", "t0")
+
+    def __init__(self, profile: Profile, name: str) -> None:
+        self.profile, self.name = profile, name
+
+    def __enter__(self) -> None:
+        profile = self.profile
+        if profile.open is not None:  # a second count of the same seconds would hide in "other"
+            raise RuntimeError(
+                f"profile section {self.name!r} inside {profile.open!r}: sections do not nest"
+            )
+        profile.open = self.name
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        profile = self.profile
         profile.open = None
         if profile.sync_cuda:
             torch.cuda.synchronize()
-        profile.add(name, time.perf_counter() - t0)
+        profile.add(self.name, time.perf_counter() - self.t0)
 
 
 def round_done(seconds: float) -> None:

@@ -301,21 +301,33 @@ def test_audit_command(capsys):
     assert "--modes: unknown off; choose from correct, no-noise, no-clip" in capsys.readouterr().err
 
 
-def test_simulate_profile_prints_a_per_round_breakdown(tmp_path, capsys):
+# A vectorised cohort trains as one computation; one client at a time, local training is split
+# into its batches, its weights in and delta out, its steps, and its clipping.
+TRAINING_PHASES = {
+    "on": ("local training", "clipping"),
+    "off": ("batch building", "weights in/out", "fwd/bwd/step", "clipping"),
+}
+
+
+@pytest.mark.parametrize("vectorize", ["on", "off"])
+def test_simulate_profile_prints_a_per_round_breakdown(tmp_path, capsys, vectorize):
     args = ["simulate", "--quiet", "--profile", "--run-dir", str(tmp_path / "run")]
     small = ["--population", "200", "--cohort-size", "20", "--rounds", "3", "--eval-every", "3"]
-    assert main([*args, *small, "--noise-multiplier", "1.0", "--target-epsilon", "0"]) == 0
+    noise = ["--noise-multiplier", "1.0", "--target-epsilon", "0", "--vectorize", vectorize]
+    assert main([*args, *small, *noise]) == 0
     out = capsys.readouterr().out
     table = out.split("per-round time breakdown")[1].splitlines()
     assert "round 1 ms" in table[1] and "rounds 2-3 ms" in table[1]
     rows = {line[:18].strip(): line[18:].split() for line in table[2:] if line.strip()}
-    for phase in ("local training", "clipping", "aggregation", "noise", "accounting"):
+    for phase in (*TRAINING_PHASES[vectorize], "aggregation", "noise", "accounting"):
         assert phase in rows, (phase, table)
+    other = {p for ps in TRAINING_PHASES.values() for p in ps} - set(TRAINING_PHASES[vectorize])
+    assert not other & set(rows), table
     # phases never overlap: what they do not cover ("other") cannot be negative, and the
-    # training phase is a real share of the round
+    # training phases are a real share of the round
     ms = {k: float(v[1]) for k, v in rows.items()}  # rounds 2-3
     assert ms["other"] >= -0.01, table
-    assert ms["local training"] > 0 and ms["clipping"] > 0
+    assert all(ms[p] > 0 for p in TRAINING_PHASES[vectorize]), table
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
 

@@ -25,6 +25,7 @@ from dpfl.api import ClientData, Task
 from dpfl.models.normalization import project_weights
 from dpfl.models.optimizers import OptimizerOptions, make_optimizer
 from dpfl.privacy.clipping import ClipConfig, ClipStats, clip_update
+from dpfl.profiling import section
 
 Weights = dict[str, torch.Tensor]
 
@@ -154,14 +155,19 @@ def _tensors(model: nn.Module):
 
 
 def load_weights(model: nn.Module, weights: Weights) -> None:
-    """Copy ``weights`` (parameters and buffers, by name) into ``model``."""
+    """Copy ``weights`` (parameters and buffers, by name) into ``model``: one fused copy, from
+    tensors on any device (a CUDA round keeps the global weights on the device)."""
     tensors = dict(_tensors(model))
     missing = [n for n in weights if n not in tensors]
     if missing:
         raise ValueError(f"weights for unknown parameters: {missing[:5]}")
+    dst, src = [tensors[n] for n in weights], list(weights.values())
     with torch.no_grad():
-        for n, w in weights.items():
-            tensors[n].copy_(w)
+        if all(d.device == w.device for d, w in zip(dst, src, strict=True)):
+            torch._foreach_copy_(dst, src)
+        else:  # e.g. CPU weights into a CUDA model: one copy per tensor
+            for d, w in zip(dst, src, strict=True):
+                d.copy_(w)
 
 
 def _epoch(data: ClientData, cfg: LocalTrainConfig, generator: torch.Generator):
@@ -290,11 +296,15 @@ def local_update(
     cfg: LocalTrainConfig,
     seed: int,
     clip: ClipConfig | None = None,
+    *,
+    to_cpu: bool = True,
 ) -> LocalResult:
     """Train ``model`` from ``weights`` on ``data`` and return the delta.
 
     With ``clip`` the delta is clipped here, on the client, so an unclipped delta never leaves it.
-    The delta is computed and clipped in float32 whatever the model's precision.
+    The delta is computed and clipped in float32 whatever the model's precision. ``weights``
+    may live on the model's device (a round on CUDA keeps them there); ``to_cpu=False`` leaves
+    the (clipped) delta on the device too, for an engine that sums it there.
 
     With micro-batching, each micro-batch's loss is weighted by its share of what the task's
     loss averages over (:func:`loss_count`), so the accumulated gradient is the full batch's;
@@ -302,11 +312,12 @@ def local_update(
     model (dropout, SpecAugment, layer-drop) is drawn per forward pass, so with it micro-batched
     training is equal in distribution, not bit for bit.
     """
-    load_weights(model, weights)
-    model.train()
-    device = next(model.parameters()).device
-    check_precision(device, cfg.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
+    with section("weights in/out"):
+        load_weights(model, weights)
+        model.train()
+        device = next(model.parameters()).device
+        check_precision(device, cfg.precision)
+        params = [p for p in model.parameters() if p.requires_grad]
     scaler = (
         torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE)
         if cfg.precision == "fp16"
@@ -323,7 +334,7 @@ def local_update(
     )
     optimizer = None if plain_sgd else make_optimizer(cfg.optimizer, params, cfg.lr, cfg.options)
     generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # per step, on the device (no sync per step)
     # Dropout and other randomness inside the model follow the seed, not the global RNG.
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -332,76 +343,139 @@ def local_update(
         if devices:
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
-        for idx in batches(data, cfg, generator):
-            for p in params:
-                p.grad = None
-            parts = micro_batches(idx, data, cfg)
-            step_loss = _accumulate(model, task, data, parts, cfg, scaler, device)
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped when the scaled gradient overflowed
-                scaler.update()
-            elif plain_sgd:
-                trained = [p for p in params if p.grad is not None]
-                with torch.no_grad():
-                    torch._foreach_add_(trained, [p.grad for p in trained], alpha=-cfg.lr)
-            else:
-                optimizer.step()
-            project_weights(model)  # Normalize-and-Project (no-op for other models)
-            losses.append(step_loss)
-    # The delta covers the parameters the server sent; others (a client's private,
-    # scene-specific or FedBN-style parameters) are trained too but stay in the model.
-    delta = {
-        n: p.detach().to(torch.float32) - weights[n].to(device=device, dtype=torch.float32)
-        for n, p in _tensors(model)
-        if n in weights
-    }
+        plan = batches(data, cfg, generator)
+        feed = torch.cuda.Stream(device) if device.type == "cuda" else None
+        while True:
+            with section("batch building"):
+                idx = next(plan, None)
+                if idx is None:
+                    break
+                parts = micro_batches(idx, data, cfg)
+                gathered = [data.batch(p) for p in parts]
+                if feed is not None:
+                    gathered = [_pinned_copy(b, device, feed) for b in gathered]
+            with section("fwd/bwd/step"):
+                for p in params:
+                    p.grad = None
+                step_loss = _accumulate(model, task, gathered, parts, cfg, scaler, device)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)  # skipped when the scaled gradient overflowed
+                    scaler.update()
+                elif plain_sgd:
+                    trained = [p for p in params if p.grad is not None]
+                    with torch.no_grad():
+                        torch._foreach_add_(trained, [p.grad for p in trained], alpha=-cfg.lr)
+                else:
+                    optimizer.step()
+                project_weights(model)  # Normalize-and-Project (no-op for other models)
+                losses.append(step_loss)
+    if losses and device.type == "cuda":
+        with section("fwd/bwd/step"):
+            for value in torch.stack(losses).tolist():
+                _check_finite(value)
+    with section("weights in/out"):
+        delta = take_delta(model, weights, device)
     stats = None
     if clip is not None:
-        delta, stats = clip_update(delta, clip, reference={n: w.shape for n, w in weights.items()})
+        with section("clipping"):  # in place: the delta is this call's own
+            delta, stats = clip_update(
+                delta, clip, reference={n: w.shape for n, w in weights.items()}, inplace=True
+            )
+    if to_cpu:
+        with section("weights in/out"):  # what leaves the client lives on the CPU
+            delta = {n: d.to("cpu", non_blocking=False) for n, d in delta.items()}
     return LocalResult(
-        delta={n: d.cpu() for n, d in delta.items()},  # what leaves the client lives on the CPU
+        delta=delta,
         num_examples=len(data),
         steps=len(losses),
-        train_loss=float(sum(losses) / len(losses)) if losses else math.nan,
+        train_loss=float(torch.stack(losses).double().mean()) if losses else math.nan,
         clip_stats=stats,
     )
+
+
+def take_delta(model: nn.Module, weights: Weights, device: torch.device) -> Weights:
+    """new - old in float32 for the tensors the server sent (``weights``); others (a client's
+    private, scene-specific or FedBN-style parameters) are trained too but stay in the model."""
+    tensors = dict(_tensors(model))
+    names = list(weights)
+    new = [tensors[n].detach() for n in names]
+    old = [weights[n] for n in names]
+    if all(t.dtype == torch.float32 for t in new) and all(
+        w.dtype == torch.float32 and w.device == device for w in old
+    ):
+        return dict(zip(names, torch._foreach_sub(new, old), strict=True))
+    return {
+        n: t.to(torch.float32) - w.to(device=device, dtype=torch.float32)
+        for n, t, w in zip(names, new, old, strict=True)
+    }
 
 
 def _accumulate(
     model: nn.Module,
     task: Task,
-    data: ClientData,
+    gathered: list,
     parts: list,
     cfg: LocalTrainConfig,
     scaler: torch.amp.GradScaler | None,
     device: torch.device,
-) -> float:
-    """Backpropagate one step's loss over its micro-batches ``parts``; return the step's loss.
+) -> torch.Tensor:
+    """Backpropagate one step's loss over its micro-batches (``gathered``, built from the index
+    batches ``parts``); return the step's loss (a 0-d float32 tensor on the device).
 
     Micro-batch k's loss is weighted by c_k / sum(c), c from :func:`loss_count`: the weighted sum
     is the full batch's mean loss, and so is the accumulated gradient. A micro-batch's loss is
     computed under autocast but cast to float32 before weighting and backward.
     """
-    gathered = [data.batch(p) for p in parts]
     counts = [loss_count(task, b, len(p)) for b, p in zip(gathered, parts, strict=True)]
     total = sum(counts)
     if total <= 0:  # e.g. no valid pixel at all: the loss is then a plain mean over examples
         counts = [float(len(p)) for p in parts]
         total = sum(counts)
-    step_loss = 0.0
+    step_loss = None
     for batch, count in zip(gathered, counts, strict=True):
         with _autocast(device, cfg.precision):
             loss = task.loss(model, batch)
         loss = loss.float()
         if len(gathered) > 1:
             loss = loss * (count / total)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"local training diverged: loss {value}")
+        if device.type != "cuda":  # on CUDA, checked once per client: a check here would sync
+            _check_finite(loss.item())
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        step_loss += value
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     return step_loss
+
+
+def _check_finite(value: float) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"local training diverged: loss {value}")
+
+
+def _pinned_copy(batch, device: torch.device, stream):
+    """``batch`` (a dict, list or tuple of tensors and other values) on the CUDA ``device``:
+    copied from pinned memory on the side ``stream``, so that the copy of the next step's batch
+    overlaps the current step's kernels; the current stream waits for it before use."""
+    from torch.utils._pytree import tree_map
+
+    def move(t):
+        if not isinstance(t, torch.Tensor) or t.device == device:
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+
+    with torch.cuda.stream(stream):
+        out = tree_map(move, batch)
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    for t in _leaves(out):
+        if isinstance(t, torch.Tensor) and t.device == device:
+            t.record_stream(current)  # allocated on the side stream, used on this one
+    return out
+
+
+def _leaves(tree):
+    from torch.utils._pytree import tree_leaves
+
+    return tree_leaves(tree)

@@ -143,24 +143,24 @@ def run_in_process(
             run.load_client(user)
             with section("data"):
                 data = run.dataset.user_data(user)
-            try:
-                with section("local training"):
-                    res = local_update(
-                        run.model,
-                        run.task,
-                        weights,
-                        data,
-                        local_cfg,
-                        client_seed(cfg.seed, round_number, user),
-                        clip_on_client,
-                    )
+            try:  # local_update times its own phases (batches, weights, steps, clipping)
+                res = local_update(
+                    run.model,
+                    run.task,
+                    weights,
+                    data,
+                    local_cfg,
+                    client_seed(cfg.seed, round_number, user),
+                    clip_on_client,
+                    to_cpu=spec.encoding is not None,  # else summed where it was trained
+                )
             except FloatingPointError as err:
                 tally.fail(user, round_number, err)
                 continue
             run.keep_client(user)  # the client trained (and keeps its state) even if late
             if tally.late(user, res.steps):
                 continue
-            send(agg, round_number, user, res.delta)  # already on the CPU
+            send(agg, round_number, user, res.delta)
             tally.diagnose(res.train_loss, res.clip_stats)
             if cfg.diagnostics:  # pre-clip tensor norms (the delta's own when unclipped)
                 norms = (

@@ -42,7 +42,7 @@ from dpfl.privacy.updates import (
     Shapes,
     Update,
     global_norm,
-    l2_norm,
+    l2_norms,
     layer_names,
     rebuild,
     tensors,
@@ -177,19 +177,20 @@ def _apply_scale(t: torch.Tensor, s: float, norm: float, bound: float) -> torch.
 
 
 def clip_update(
-    update: Update, config: ClipConfig, reference: Shapes | None = None
+    update: Update, config: ClipConfig, reference: Shapes | None = None, *, inplace: bool = False
 ) -> tuple[Update, ClipStats]:
     """Bound one user's update under ``config``; return the clipped update and its stats.
 
     ``reference`` (a model's parameter shapes) makes a mismatched update an error instead of
     silently fixing different per-layer bounds. Raises ValueError for an empty update, NaN/Inf or
     a shape mismatch, and TypeError for non-tensors or dtypes other than float32/float64.
-    The result has the caller's structure and dtypes; the input is not modified.
+    The result has the caller's structure and dtypes; the input is not modified, unless
+    ``inplace`` (an update the caller owns and no longer needs unclipped: no second copy).
     """
     validate_update(update, reference)
     names = layer_names(update)
     ts = tensors(update)
-    norms = [l2_norm(t, name) for name, t in zip(names, ts, strict=True)]
+    norms = l2_norms(ts, names)
     total = global_norm(norms)
     bounds = bounds_for(update, config)
     if bounds is None:
@@ -209,10 +210,17 @@ def clip_update(
         layers_clipped = layers_clipped if clipped else 0
     scales = [_scale(n, b, mode) for n, b in zip(divisors, bounds, strict=True)]
     with torch.no_grad():
-        out = [
-            _apply_scale(t, s, n, b)
-            for t, s, n, b in zip(ts, scales, divisors, bounds, strict=True)
-        ]
+        if all(s == 0.0 or 1e-30 <= s <= 1e30 for s in scales):  # the usual case: one fused op
+            if inplace:
+                out = [t.detach() for t in ts]
+                torch._foreach_mul_(out, scales)
+            else:
+                out = list(torch._foreach_mul([t.detach() for t in ts], scales))
+        else:
+            out = [
+                _apply_scale(t, s, n, b)
+                for t, s, n, b in zip(ts, scales, divisors, bounds, strict=True)
+            ]
     # n * s, computed as n / divisor * bound where s = bound / divisor may overflow.
     norm_after = global_norm(
         [
@@ -246,7 +254,7 @@ def norm_violation(update: Update, config: ClipConfig, reference: Shapes) -> str
     try:
         validate_update(update, reference)
         names = layer_names(update)
-        norms = [l2_norm(t, name) for name, t in zip(names, tensors(update), strict=True)]
+        norms = l2_norms(tensors(update), names)
     except (TypeError, ValueError) as err:
         return str(err)
     total = global_norm(norms)

@@ -21,7 +21,7 @@ from dpfl.privacy.stacked import (
     stacked_norms,
     stacked_violations,
 )
-from dpfl.privacy.updates import l2_norm
+from dpfl.privacy.updates import l2_norms
 from dpfl.profiling import section
 
 Weights = dict[str, torch.Tensor]
@@ -162,8 +162,7 @@ class RoundAggregator:
             # the client promised a clipped update: hold it to the bound (shared tolerance)
             return norm_violation(update, self.spec.clip, self.shapes)
         try:
-            for name, t in update.items():
-                l2_norm(t, name)  # finite values
+            l2_norms(list(update.values()), list(update))  # finite values
         except ValueError as err:
             return str(err)
         return None
@@ -191,8 +190,13 @@ class RoundAggregator:
             if self.total is None:
                 self.total = {n: t.detach().clone() for n, t in update.items()}
             else:
-                for n, t in update.items():
-                    self.total[n].add_(t)
+                names = list(self.total)
+                dst, src = [self.total[n] for n in names], [update[n] for n in names]
+                if all(a.device == b.device for a, b in zip(dst, src, strict=True)):
+                    torch._foreach_add_(dst, src)
+                else:
+                    for a, b in zip(dst, src, strict=True):
+                        a.add_(b.to(a.device))
         self.accepted += 1
         return None
 
@@ -238,12 +242,12 @@ class RoundAggregator:
             self.clipped += int(stats.clipped.sum())
             self.norms.extend(stats.norms.tolist())
         with torch.no_grad():
-            sums = {n: t.detach().sum(0).to("cpu") for n, t in stacked.items()}
+            sums = {n: t.detach().sum(0) for n, t in stacked.items()}  # on their device
             if self.total is None:
                 self.total = {n: sums[n] for n in self.shapes}
             else:
                 for n, t in sums.items():
-                    self.total[n].add_(t)
+                    self.total[n].add_(t.to(self.total[n].device))
         self.accepted += len(keep)
         return reasons
 

@@ -201,6 +201,8 @@ class ServerState:
         spec = self.spec
         self.round += 1
         total = agg.total
+        if total is not None:  # summed where the clients trained: to the CPU, once per round
+            total = {n: t.to("cpu") for n, t in total.items()}
         if total is None and spec.encoding is None:  # nobody replied: the sum is zero
             total = {n: torch.zeros_like(p) for n, p in self.params.items()}
         if spec.encoding is not None:
