@@ -92,3 +92,31 @@ def test_reused_pinned_buffer_never_overwrites_a_copy_in_flight():
     mech.noisy_mean(b, 1.0, inplace=True)  # draws into the same pinned buffer at once
     expected = NoiseSource(seed=4).standard_normal(2**24) * (1 + 1e-6)
     torch.testing.assert_close(first.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_the_device_resident_round_equals_the_cpu_round(tmp_path, monkeypatch, vectorize):
+    """On CUDA the global weights stay on the device for the round, every client's delta is
+    clipped and summed there (no copy to the CPU per client) and the sum reaches the CPU once,
+    for the server step; the model equals the CPU run's within 1e-5."""
+    from dpfl.server.aggregate import RoundAggregator
+
+    seen = []
+    add, add_stacked = RoundAggregator._add, RoundAggregator._add_stacked
+
+    def spy_add(self, update):
+        seen.append({t.device.type for t in update.values()})
+        return add(self, update)
+
+    def spy_stacked(self, stacked):
+        seen.append({t.device.type for t in stacked.values()})
+        return add_stacked(self, stacked)
+
+    monkeypatch.setattr(RoundAggregator, "_add", spy_add)
+    monkeypatch.setattr(RoundAggregator, "_add_stacked", spy_stacked)
+    over = {"rounds": 2, "vectorize": vectorize, "client-lr": 0.05}
+    _, gpu_model = _run(tmp_path / "gpu", "cuda", **over)
+    assert seen and all(devices == {"cuda"} for devices in seen)
+    _, cpu_model = _run(tmp_path / "cpu", "cpu", **over)
+    for name, w in cpu_model.items():
+        torch.testing.assert_close(gpu_model[name], w, atol=1e-5, rtol=0)

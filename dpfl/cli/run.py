@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from dpfl.cli.common import (
     CliError,
@@ -259,26 +260,87 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="seed of the voices and sentences (default: 0)",
     )
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="also compute the log-mel feature store of every utterance now, instead of on first "
+        "use; a folder that already holds a corpus of --layout and was not synthesised by dpfl "
+        "(e.g. LibriSpeech) is cached as it is, never written to but for the store",
+    )
+    p.add_argument(
+        "--splits",
+        default="",
+        help="with --cache: the subsets (librispeech) or TSVs (commonvoice) to cache, comma-"
+        "separated (default: train,test or train.tsv,test.tsv)",
+    )
+    p.add_argument(
+        "--feature-cache",
+        default="",
+        help="with --cache: the store's folder (default: <out_dir>/.dpfl-features; the same key "
+        "as asr.feature-cache)",
+    )
     p.set_defaults(func=_cmd_corpus)
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
     from dpfl.recipes.asr.synth import generate_corpus
 
-    try:
-        out = generate_corpus(
-            args.out_dir,
-            args.speakers,
-            args.utterances,
-            args.test_speakers,
-            args.seed,
-            args.layout,
-        )
-    except (ValueError, RuntimeError) as err:
-        raise CliError(str(err)) from None
-    print(
-        f"wrote a {args.layout} corpus of {args.speakers} + {args.test_speakers} speakers to {out}"
+    out = Path(args.out_dir)
+    cv = args.layout == "commonvoice"
+    default_splits = ("train.tsv", "test.tsv") if cv else ("train", "test")
+    existing = (
+        args.cache
+        and not (out / ".complete").exists()
+        and (out / default_splits[0]).exists()
     )
+    if not existing:
+        try:
+            out = generate_corpus(
+                args.out_dir,
+                args.speakers,
+                args.utterances,
+                args.test_speakers,
+                args.seed,
+                args.layout,
+            )
+        except (ValueError, RuntimeError) as err:
+            raise CliError(str(err)) from None
+        print(
+            f"wrote a {args.layout} corpus of {args.speakers} + {args.test_speakers} speakers to "
+            f"{out}"
+        )
+    if args.cache:
+        splits = [x for x in args.splits.split(",") if x] or list(default_splits)
+        _cache_corpus(out, args.layout, splits, args.feature_cache)
     return 0
+
+
+def _cache_corpus(root: Path, layout: str, splits: list[str], folder: str) -> None:
+    """Fill the corpus's feature store, with progress, and say what it holds."""
+    from dpfl.recipes.asr.data import load_audio, read_common_voice, read_librispeech
+    from dpfl.recipes.asr.features import FeatureStore, default_folder
+
+    read = read_common_voice if layout == "commonvoice" else read_librispeech
+    try:
+        utterances = [u for split in splits for u in read(root, split)]
+        store = FeatureStore(folder or default_folder(root))
+    except (OSError, ValueError) as err:
+        raise CliError(str(err)) from None
+    before = store.rows
+    step = 200
+    for start in range(0, len(utterances), step):
+        chunk = utterances[start : start + step]
+        try:
+            store.entries_for([u.audio for u in chunk], load_audio)
+        except (OSError, ValueError) as err:
+            raise CliError(str(err)) from None
+        done = min(start + step, len(utterances))
+        print(f"\rfeatures: {done}/{len(utterances)} utterances", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    size = store.rows * store.array().shape[1] * 4 / 2**20
+    print(
+        f"feature store {store.folder}: {len(utterances)} utterances of {', '.join(splits)}, "
+        f"{store.rows - before} new frames ({store.rows} in all, {size:.1f} MiB)"
+    )
 
 

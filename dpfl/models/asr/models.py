@@ -4,6 +4,9 @@ Both take raw 16 kHz waveforms and return per-frame log-probabilities over chara
 
     waveforms (B, samples), lengths (B,) -> log_probs (B, T', vocab), out_lengths (B,)
 
+or, with the front-end's work done ahead (a feature store), ``forward_features(feats (B, 80, T),
+frames (B,))`` with the same output.
+
 Front-end (no trainable parameters, so nothing of it is federated): 80-bin log-mel features
 (25 ms window, 10 ms hop) from torchaudio, normalised per utterance over its own frames, then
 SpecAugment while training (2 frequency masks of width <= 30, 10 time masks of width
@@ -52,7 +55,7 @@ SIZES: dict[str, ASRSize] = {
 
 
 class LogMelFrontend(nn.Module):
-    """Waveforms -> per-utterance-normalised log-mel frames (B, T, 80) and frame counts."""
+    """Waveforms -> per-utterance-normalised log-mel frames (B, 80, T) and frame counts."""
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, n_mels: int = N_MELS) -> None:
         super().__init__()
@@ -206,7 +209,10 @@ class CTCTransformer(nn.Module):
             record_projection_norms(self)
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor):
-        feats, frames = self.frontend(waveforms, lengths)
+        return self.forward_features(*self.frontend(waveforms, lengths))
+
+    def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
+        """From the front-end's output (B, mels, T) and frame counts (a feature store's)."""
         x, out_lengths = self.conv(self.augment(feats), frames)
         x = self.drop(x + sinusoidal_positions(x.shape[1], x.shape[2], x.device))
         pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]
@@ -251,7 +257,10 @@ class CTCConformer(nn.Module):
         self.output = nn.Linear(size.width, vocab)
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor):
-        feats, frames = self.frontend(waveforms, lengths)
+        return self.forward_features(*self.frontend(waveforms, lengths))
+
+    def forward_features(self, feats: torch.Tensor, frames: torch.Tensor):
+        """From the front-end's output (B, mels, T) and frame counts (a feature store's)."""
         x, out_lengths = self.conv(self.augment(feats), frames)
         x, out_lengths = self.conformer(x, out_lengths)
         return self.output(x).log_softmax(dim=-1), out_lengths

@@ -48,7 +48,12 @@ class ASRTask:
         model: nn.Module, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = _device(model)
-        log_probs, out_lengths = model(batch["waves"].to(device), batch["lengths"].to(device))
+        if "feats" in batch:  # from a feature store: the front-end's work is done
+            log_probs, out_lengths = model.forward_features(
+                batch["feats"].to(device), batch["frames"].to(device)
+            )
+        else:
+            log_probs, out_lengths = model(batch["waves"].to(device), batch["lengths"].to(device))
         loss = nn.functional.ctc_loss(
             log_probs.transpose(0, 1).float(),
             batch["targets"].to(device),

@@ -87,6 +87,14 @@ class ASROptions:
     max_test_utterances: int = field(
         default=200, metadata=_doc("evaluate on at most this many utterances (0: all)")
     )
+    feature_cache: str = field(
+        default="",
+        metadata=_doc(
+            "folder of the log-mel feature store, filled on first use of each utterance "
+            "('': <data-dir>/.dpfl-features, or the user's cache folder where data-dir is not "
+            "writable; 'off': decode the audio on every use)"
+        ),
+    )
     central_steps: int = field(default=1000, metadata=_doc("dpfl central: training steps"))
     central_lr: float = field(default=1e-3, metadata=_doc("dpfl central: Adam learning rate"))
 
@@ -131,7 +139,7 @@ TABLE = register_table(
                     "spec-augment", "data-format", "data-dir", "data-train", "data-test",
                     "test-split", "test-fraction", "alphabet", "synthetic-speakers",
                     "synthetic-utterances", "synthetic-test-speakers", "seed-speakers",
-                    "max-test-utterances", "central-steps", "central-lr",
+                    "max-test-utterances", "feature-cache", "central-steps", "central-lr",
                 )
             },  # fmt: skip
         },
@@ -197,6 +205,16 @@ def synthesise(cfg: RunConfig, only_speakers=None) -> None:
     )
 
 
+def feature_store(cfg: RunConfig):
+    """The corpus's feature store as ``asr.feature-cache`` says, or None ('off')."""
+    from dpfl.recipes.asr.features import FeatureStore, default_folder
+
+    o = asr_options(cfg)
+    if o.feature_cache == "off":
+        return None
+    return FeatureStore(o.feature_cache or default_folder(o.data_dir))
+
+
 def task(cfg: RunConfig):
     o = asr_options(cfg)
     from dpfl.models.asr.task import ASRTask
@@ -230,6 +248,7 @@ def data(cfg: RunConfig, user: int | None = None):
         test_from_users=o.test_split == "utterance",
         exclude=seed_speakers,
         max_test_utterances=o.max_test_utterances,
+        features=feature_store(cfg),
     )
     seed = f", {o.seed_speakers} speakers kept for the seed" if o.seed_speakers else ""
     with_population(

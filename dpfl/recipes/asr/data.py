@@ -109,36 +109,14 @@ def read_common_voice(
     return out
 
 
-@dataclass
-class SpeechData:
-    """One user's (or the test set's) utterances as waveforms and character ids."""
+class _Utterances:
+    """What a user's speech data offers whatever its form: ``durations`` (seconds), ``len``,
+    and length-sorted batches by seconds."""
 
-    waves: list[torch.Tensor]
-    texts: list[str]
-    tokenizer: CharTokenizer
-
-    def __post_init__(self) -> None:
-        self.targets = [
-            torch.tensor(self.tokenizer.encode(t), dtype=torch.long) for t in self.texts
-        ]
-        self.durations = [len(w) / SAMPLE_RATE for w in self.waves]
+    durations: list[float]
 
     def __len__(self) -> int:
-        return len(self.waves)
-
-    def batch(self, indices: torch.Tensor) -> dict:
-        idx = [int(i) for i in indices]
-        lengths = torch.tensor([len(self.waves[i]) for i in idx])
-        waves = torch.zeros(len(idx), int(lengths.max()))
-        for row, i in enumerate(idx):
-            waves[row, : len(self.waves[i])] = self.waves[i]
-        return {
-            "waves": waves,
-            "lengths": lengths,
-            "targets": torch.cat([self.targets[i] for i in idx]),
-            "target_lengths": torch.tensor([len(self.targets[i]) for i in idx]),
-            "texts": [self.tokenizer.normalize(self.texts[i]) for i in idx],
-        }
+        return len(self.durations)
 
     def batches_by_seconds(self, seconds: float) -> list[torch.Tensor]:
         """Length-sorted batches of at most ``seconds`` of audio, in order (evaluation)."""
@@ -154,12 +132,82 @@ class SpeechData:
         return out
 
 
+@dataclass
+class SpeechData(_Utterances):
+    """One user's (or the test set's) utterances as waveforms and character ids: batches hold
+    padded waveforms (``waves``, ``lengths``) for the model's own front-end."""
+
+    waves: list[torch.Tensor]
+    texts: list[str]
+    tokenizer: CharTokenizer
+
+    def __post_init__(self) -> None:
+        self.targets = [
+            torch.tensor(self.tokenizer.encode(t), dtype=torch.long) for t in self.texts
+        ]
+        self.durations = [len(w) / SAMPLE_RATE for w in self.waves]
+
+    def batch(self, indices: torch.Tensor) -> dict:
+        idx = [int(i) for i in indices]
+        lengths = torch.tensor([len(self.waves[i]) for i in idx])
+        waves = torch.zeros(len(idx), int(lengths.max()))
+        for row, i in enumerate(idx):
+            waves[row, : len(self.waves[i])] = self.waves[i]
+        return {
+            "waves": waves,
+            "lengths": lengths,
+            "targets": torch.cat([self.targets[i] for i in idx]),
+            "target_lengths": torch.tensor([len(self.targets[i]) for i in idx]),
+            "texts": [self.tokenizer.normalize(self.texts[i]) for i in idx],
+        }
+
+
+class SpeechFeatures(_Utterances):
+    """The same utterances read from a :class:`~dpfl.recipes.asr.features.FeatureStore`: a
+    batch is gathered from the memory-mapped rows with array indexing (no decoding, no loop
+    over utterances) and holds the front-end's output (``feats`` (B, 80, T) zero-padded,
+    ``frames``), which the models take through ``forward_features``."""
+
+    def __init__(self, store, entries, texts: list[str], tokenizer: CharTokenizer) -> None:
+        self.store, self.texts, self.tokenizer = store, list(texts), tokenizer
+        self.offsets = np.array([e.offset for e in entries], dtype=np.int64)
+        self.frames = np.array([e.frames for e in entries], dtype=np.int64)
+        self.samples = np.array([e.samples for e in entries], dtype=np.int64)
+        self.durations = (self.samples / SAMPLE_RATE).tolist()
+        ids = [tokenizer.encode(t) for t in self.texts]
+        self.target_lengths = np.array([len(t) for t in ids], dtype=np.int64)
+        self.target_starts = np.concatenate([[0], np.cumsum(self.target_lengths)[:-1]])
+        self.all_targets = np.array([c for t in ids for c in t], dtype=np.int64)
+        self.normalized = [tokenizer.normalize(t) for t in self.texts]
+
+    def batch(self, indices: torch.Tensor) -> dict:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        frames = self.frames[idx]
+        steps = np.arange(int(frames.max()))
+        rows = self.offsets[idx, None] + np.minimum(steps[None, :], frames[:, None] - 1)
+        feats = torch.from_numpy(self.store.array()[rows])  # (B, T, mels), a copy
+        feats[torch.from_numpy(steps[None, :] >= frames[:, None])] = 0.0  # as the front-end pads
+        lengths = self.target_lengths[idx]
+        ends = np.cumsum(lengths)
+        at = np.repeat(self.target_starts[idx] - (ends - lengths), lengths) + np.arange(ends[-1])
+        return {
+            "feats": feats.transpose(1, 2).contiguous(),
+            "frames": torch.from_numpy(frames),
+            "lengths": torch.from_numpy(self.samples[idx]),
+            "targets": torch.from_numpy(self.all_targets[at]),
+            "target_lengths": torch.from_numpy(lengths),
+            "texts": [self.normalized[i] for i in idx.tolist()],
+        }
+
+
 class SpeechFederatedDataset:
-    """Users are speakers (sorted by id); audio is decoded when a user is first sampled.
+    """Users are speakers (sorted by id); audio is decoded when a user is first sampled, or, with
+    a feature store, its features are read from the store (computed there on first use).
 
     ``exclude`` speakers are left out of the federation (e.g. those a seed model was trained on
-    centrally). Decoded users are kept in a small LRU cache, so a population of any size costs
-    memory for about ``cache_users`` users.
+    centrally). Loaded users are kept in a small LRU cache, so a population of any size costs
+    memory for about ``cache_users`` users (decoded audio; with a store, only where their rows
+    are).
     """
 
     def __init__(
@@ -171,10 +219,14 @@ class SpeechFederatedDataset:
         cache_users: int = 64,
         max_test_utterances: int = 0,
         test_from_users: bool = False,
+        features=None,
     ) -> None:
         """``test_from_users``: the test utterances were held out of the federated speakers'
-        own (an evaluation on them is then not covered by the DP guarantee)."""
+        own (an evaluation on them is then not covered by the DP guarantee). ``features``: a
+        :class:`~dpfl.recipes.asr.features.FeatureStore` the users' features are read from
+        (computed there on first use); None decodes the audio on each use."""
         self.test_from_users = test_from_users
+        self.features = features
         self.tokenizer = tokenizer or CharTokenizer()
         excluded = set(exclude)
         utterances = [u for u in utterances if u.speaker not in excluded]
@@ -226,10 +278,7 @@ class SpeechFederatedDataset:
         if speaker in self._cache:
             self._cache.move_to_end(speaker)
             return self._cache[speaker]
-        utts = self._by_speaker[speaker]
-        data = SpeechData(
-            [load_audio(u.audio) for u in utts], [u.text for u in utts], self.tokenizer
-        )
+        data = self._load(self._by_speaker[speaker])
         self._cache[speaker] = data
         if len(self._cache) > self._cache_users:
             self._cache.popitem(last=False)
@@ -248,19 +297,21 @@ class SpeechFederatedDataset:
 
     def pooled_data(self, speakers: Sequence[str]) -> SpeechData:
         """All utterances of ``speakers`` as one dataset (central training of a seed model)."""
-        utts = [u for s in speakers for u in self._by_speaker[s]]
-        return SpeechData(
-            [load_audio(u.audio) for u in utts], [u.text for u in utts], self.tokenizer
-        )
+        return self._load([u for s in speakers for u in self._by_speaker[s]])
 
     @functools.cached_property
-    def _test_data(self) -> SpeechData:
-        return SpeechData(
-            [load_audio(u.audio) for u in self._test], [u.text for u in self._test], self.tokenizer
-        )
+    def _test_data(self) -> SpeechData | SpeechFeatures:
+        return self._load(self._test)
 
-    def test_data(self) -> SpeechData:
+    def test_data(self) -> SpeechData | SpeechFeatures:
         return self._test_data
+
+    def _load(self, utts: Sequence[Utterance]) -> SpeechData | SpeechFeatures:
+        texts = [u.text for u in utts]
+        if self.features is None:
+            return SpeechData([load_audio(u.audio) for u in utts], texts, self.tokenizer)
+        entries = self.features.entries_for([u.audio for u in utts], load_audio)
+        return SpeechFeatures(self.features, entries, texts, self.tokenizer)
 
 
 def hold_out(
