@@ -115,8 +115,12 @@ def measure(values: dict, pythonpath: str | None = None) -> tuple[dict, str]:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(values)], capture_output=True, text=True, env=env
+    res = subprocess.run(  # run from the tree measured: `-c` puts the working folder first
+        [sys.executable, "-c", CHILD, json.dumps(values)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=pythonpath or ROOT,
     )
     if res.returncode != 0:
         raise SystemExit(f"run failed:\n{res.stderr[-3000:]}")

@@ -154,10 +154,12 @@ def _tensors(model: nn.Module):
     yield from model.named_buffers()
 
 
-def load_weights(model: nn.Module, weights: Weights) -> None:
+def load_weights(model: nn.Module, weights: Weights, tensors: Weights | None = None) -> None:
     """Copy ``weights`` (parameters and buffers, by name) into ``model``: one fused copy, from
-    tensors on any device (a CUDA round keeps the global weights on the device)."""
-    tensors = dict(_tensors(model))
+    tensors on any device (a CUDA round keeps the global weights on the device). ``tensors``:
+    the model's parameters and buffers by name, when the caller has them."""
+    if tensors is None:
+        tensors = dict(_tensors(model))
     missing = [n for n in weights if n not in tensors]
     if missing:
         raise ValueError(f"weights for unknown parameters: {missing[:5]}")
@@ -313,7 +315,8 @@ def local_update(
     training is equal in distribution, not bit for bit.
     """
     with section("weights in/out"):
-        load_weights(model, weights)
+        tensors = dict(_tensors(model))
+        load_weights(model, weights, tensors)
         model.train()
         device = next(model.parameters()).device
         check_precision(device, cfg.precision)
@@ -378,7 +381,7 @@ def local_update(
             for value in torch.stack(losses).tolist():
                 _check_finite(value)
     with section("weights in/out"):
-        delta = take_delta(model, weights, device)
+        delta = take_delta(tensors, weights, device)
     stats = None
     if clip is not None:
         with section("clipping"):  # in place: the delta is this call's own
@@ -397,10 +400,10 @@ def local_update(
     )
 
 
-def take_delta(model: nn.Module, weights: Weights, device: torch.device) -> Weights:
-    """new - old in float32 for the tensors the server sent (``weights``); others (a client's
-    private, scene-specific or FedBN-style parameters) are trained too but stay in the model."""
-    tensors = dict(_tensors(model))
+def take_delta(tensors: Weights, weights: Weights, device: torch.device) -> Weights:
+    """new - old in float32 for the tensors the server sent (``weights``; ``tensors``: the
+    model's by name); others (a client's private, scene-specific or FedBN-style parameters) are
+    trained too but stay in the model."""
     names = list(weights)
     new = [tensors[n].detach() for n in names]
     old = [weights[n] for n in names]

@@ -164,8 +164,8 @@ class SpeechData(_Utterances):
 
 class SpeechFeatures(_Utterances):
     """The same utterances read from a :class:`~dpfl.recipes.asr.features.FeatureStore`: a
-    batch is gathered from the memory-mapped rows with array indexing (no decoding, no loop
-    over utterances) and holds the front-end's output (``feats`` (B, 80, T) zero-padded,
+    batch is copied from the memory-mapped rows (no decoding, no resampling, no transform) and
+    holds the front-end's output (``feats`` (B, 80, T) zero-padded,
     ``frames``), which the models take through ``forward_features``."""
 
     def __init__(self, store, entries, texts: list[str], tokenizer: CharTokenizer) -> None:
@@ -183,15 +183,16 @@ class SpeechFeatures(_Utterances):
     def batch(self, indices: torch.Tensor) -> dict:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         frames = self.frames[idx]
-        steps = np.arange(int(frames.max()))
-        rows = self.offsets[idx, None] + np.minimum(steps[None, :], frames[:, None] - 1)
-        feats = torch.from_numpy(self.store.array()[rows])  # (B, T, mels), a copy
-        feats[torch.from_numpy(steps[None, :] >= frames[:, None])] = 0.0  # as the front-end pads
+        rows = self.store.array()
+        # zero-padded as the front-end pads; one strided copy per utterance from the map
+        feats = torch.zeros(len(idx), rows.shape[1], int(frames.max()))
+        for r, (at, n) in enumerate(zip(self.offsets[idx].tolist(), frames.tolist(), strict=True)):
+            feats[r, :, :n] = torch.from_numpy(rows[at : at + n]).T
         lengths = self.target_lengths[idx]
         ends = np.cumsum(lengths)
         at = np.repeat(self.target_starts[idx] - (ends - lengths), lengths) + np.arange(ends[-1])
         return {
-            "feats": feats.transpose(1, 2).contiguous(),
+            "feats": feats,
             "frames": torch.from_numpy(frames),
             "lengths": torch.from_numpy(self.samples[idx]),
             "targets": torch.from_numpy(self.all_targets[at]),

@@ -172,11 +172,12 @@ class FeatureStore:
         return self.data_path.stat().st_size if self.data_path.exists() else 0
 
     def array(self) -> np.ndarray:
-        """The stored rows, (rows, N_MELS) float32, memory-mapped read-only."""
+        """The stored rows, (rows, N_MELS) float32, memory-mapped (private: never written)."""
         if self._array is None or len(self._array) < self.rows:
             if self.rows == 0:
                 return np.zeros((0, N_MELS), dtype=np.float32)
-            self._array = np.memmap(self.data_path, np.float32, "r", shape=(self.rows, N_MELS))
+            # copy-on-write: writable views for torch.from_numpy; nothing is ever written back
+            self._array = np.memmap(self.data_path, np.float32, "c", shape=(self.rows, N_MELS))
         return self._array
 
     def lookup(self, audio: Path) -> Entry | None:
