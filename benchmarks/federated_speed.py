@@ -60,7 +60,7 @@ Targets of the issue are printed as met or NOT met; nothing is asserted.
 Not a test; CI does not run it. Usage:
     .venv/bin/python benchmarks/federated_speed.py [--rounds 20] [--profile] [--skip-flower]
         [--skip-pfl] [--skip-scaling] [--populations 1000,100000] [--skip-asr]
-        [--one-by-one toy-mlp,conv-net] [--only-one-by-one]
+        [--one-by-one toy-mlp,conv-net] [--only-one-by-one] [--before REV]
 """
 
 from __future__ import annotations
@@ -358,22 +358,29 @@ def dpfl_child(spec: dict, vectorize: str) -> list[float]:
     return [s / 1000 for s in round_ms(Path(spec["run-dir"]))]
 
 
-def one_by_one(workloads: list[str], rounds: int, repeat: int, tmp: Path) -> dict:
+def one_by_one(
+    workloads: list[str], rounds: int, repeat: int, tmp: Path, before: Path | None = None
+) -> dict:
     """Per workload: median ms/round of the plain loop and of dpfl sequential and vectorised,
-    each run ``repeat`` times in fresh processes, taking turns."""
+    each run ``repeat`` times in fresh processes, taking turns; with ``before`` (a checkout of
+    an earlier dpfl) also that dpfl's sequential path ("before")."""
     out = {}
     for name in workloads:
         data = tmp / f"{name}.pt"
         export_users(name, data)
-        modes = ("plain", "off", "on", "func")
+        modes = ("plain", "off", "on", "func", *(("before",) if before else ()))
         turns: dict[str, list[float]] = {m: [] for m in modes}
         for i in range(repeat):
             for mode in modes:
                 spec = {"workload": name, "work": PLAIN_WORKLOADS[name], "rounds": rounds,
                         "data": str(data), "run-dir": str(tmp / f"{name}-{mode}-{i}")}  # fmt: skip
+                env = dict(os.environ)
+                if mode == "before":  # the earlier dpfl first on the path
+                    env["PYTHONPATH"] = str(before)
+                child = "off" if mode == "before" else mode
                 res = subprocess.run(
-                    [sys.executable, __file__, "--child", mode, "--spec", json.dumps(spec)],
-                    capture_output=True, text=True,
+                    [sys.executable, __file__, "--child", child, "--spec", json.dumps(spec)],
+                    capture_output=True, text=True, env=env,
                 )  # fmt: skip
                 if res.returncode != 0:
                     raise SystemExit(f"{name} {mode} failed:\n{res.stderr[-3000:]}")
@@ -436,7 +443,18 @@ def print_one_by_one(args) -> None:
             known = ", ".join(PLAIN_WORKLOADS)
             raise SystemExit(f"--one-by-one: unknown workload {name!r} (known: {known})")
     with tempfile.TemporaryDirectory() as tmp:
-        res = one_by_one(names, args.rounds, args.repeat, Path(tmp))
+        before = None
+        if args.before:
+            before = Path(tmp) / "before"
+            subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "worktree",
+                            "add", "--detach", str(before), args.before],
+                           check=True, capture_output=True)  # fmt: skip
+        try:
+            res = one_by_one(names, args.rounds, args.repeat, Path(tmp), before)
+        finally:
+            if before is not None:
+                subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "worktree",
+                                "remove", "--force", str(before)], capture_output=True)  # fmt: skip
     print("\none client at a time vs a plain PyTorch loop: median ms/round of rounds 2.. (round 1")
     print(f"warms up), each side run {args.repeat} times in fresh processes, taking turns")
     print(f"{'workload':<10}{'plain loop':>11}{'dpfl seq':>10}{'dpfl vec':>10}{'torch.func':>12}"
@@ -445,6 +463,11 @@ def print_one_by_one(args) -> None:
         print(f"{name:<10}{r['plain']:>11.1f}{r['off']:>10.1f}{r['on']:>10.1f}{r['func']:>12.1f}"
               f"{r['off'] / r['plain']:>10.2f}x{r['off'] / r['on']:>8.1f}x"
               f"{r['on'] / r['func']:>9.2f}x")  # fmt: skip
+    if args.before:
+        for name, r in res.items():
+            print(f"{name}: dpfl {args.before} sequential {r['before']:.1f} ms/round, "
+                  f"{r['before'] / r['plain']:.2f}x the plain loop (before); now "
+                  f"{r['off'] / r['plain']:.2f}x")  # fmt: skip
     for name, r in res.items():
         seq = r["off"] / r["plain"]
         print(
@@ -490,6 +513,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--only-one-by-one", action="store_true", help="run that side-by-side alone"
+    )
+    parser.add_argument(
+        "--before", default="", help="a git revision whose sequential path the side-by-side adds"
     )
     parser.add_argument("--child", choices=("plain", "func", "off", "on"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)

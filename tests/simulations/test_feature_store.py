@@ -214,3 +214,26 @@ def test_training_from_the_store_equals_training_from_audio(corpus, tmp_path):
         assert torch.allclose(off[name], on[name], atol=1e-4, rtol=0), name
     assert norms[0] > 0.05 and norms[1] == pytest.approx(norms[0], rel=1e-3)
     assert np.isfinite(sum(float(t.abs().sum()) for t in on.values()))
+
+
+def test_speech_corpus_cache_fills_the_store_ahead(corpus, tmp_path, capsys):
+    from dpfl.cli import main
+
+    real = shutil.copytree(corpus, tmp_path / "libri")  # a corpus dpfl did not synthesise
+    (real / ".complete").unlink()
+    before = sorted(p.name for p in real.rglob("*") if p.is_file())
+    assert main(["speech-corpus", str(real), "--cache"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" not in out and "12 utterances of train, test" in out
+    store = FeatureStore(real / ".dpfl-features")
+    rows = store.rows
+    assert rows > 0 and len(store.entries) == 12
+    # nothing of the corpus was written to: only the store was added
+    after = sorted(
+        p.name for p in real.rglob("*") if p.is_file() and ".dpfl-features" not in str(p)
+    )
+    assert after == before
+    assert main(["speech-corpus", str(real), "--cache", "--splits", "train"]) == 0
+    assert "9 utterances of train, 0 new frames" in capsys.readouterr().out
+    assert main(["speech-corpus", str(real), "--cache", "--splits", "dev-clean"]) == 2
+    assert "dev-clean does not exist" in capsys.readouterr().err

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from scipy.optimize import brentq
-
 from dpfl.privacy.accounting.base import (
     AccountantRangeError,
     EpsilonResult,
@@ -213,6 +211,8 @@ def calibrate_noise_multiplier(
         return math.log(max(min(eps(math.exp(u)), 1e300), 1e-300)) - aim
 
     try:
+        from scipy.optimize import brentq  # lazily: scipy costs 0.4 s to import
+
         guess = math.exp(brentq(f, math.log(lo), math.log(hi), xtol=rel_tol / 8))
     except ValueError:  # no sign change around aim (epsilon jumps across it)
         guess = None

@@ -33,7 +33,6 @@ import functools
 import math
 
 import numpy as np
-from scipy.special import gammaln, logsumexp
 
 INTEGER_ORDERS: tuple[int, ...] = tuple(
     sorted(set(range(2, 64)) | {int(round(64 * 2 ** (k / 4))) for k in range(25)})
@@ -66,6 +65,8 @@ def subsampled_rdp(alpha: int, q: float, rdp) -> float:
         return 0.0
     log_q, log_1q = math.log(q), math.log1p(-q)
     terms = [(alpha - 1) * log_1q + math.log(alpha * q - q + 1)]
+    from scipy.special import gammaln, logsumexp  # lazily: scipy costs 0.4 s to import
+
     log_binom = lambda n, k: gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)  # noqa: E731
     terms.append(log_binom(alpha, 2) + 2 * log_q + (alpha - 2) * log_1q + rdp(2))
     if alpha >= 3:
