@@ -461,7 +461,7 @@ def _pinned_copy(batch, device: torch.device, stream):
     """``batch`` (a dict, list or tuple of tensors and other values) on the CUDA ``device``:
     copied from pinned memory on the side ``stream``, so that the copy of the next step's batch
     overlaps the current step's kernels; the current stream waits for it before use."""
-    from torch.utils._pytree import tree_map
+    from torch.utils._pytree import tree_leaves, tree_map
 
     def move(t):
         if not isinstance(t, torch.Tensor) or t.device == device:
@@ -472,13 +472,7 @@ def _pinned_copy(batch, device: torch.device, stream):
         out = tree_map(move, batch)
     current = torch.cuda.current_stream(device)
     current.wait_stream(stream)
-    for t in _leaves(out):
+    for t in tree_leaves(out):
         if isinstance(t, torch.Tensor) and t.device == device:
             t.record_stream(current)  # allocated on the side stream, used on this one
     return out
-
-
-def _leaves(tree):
-    from torch.utils._pytree import tree_leaves
-
-    return tree_leaves(tree)
